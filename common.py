@@ -290,7 +290,10 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    # The suffix keeps a temporary file from matching '*.mat' (stage 2 searches
+    # for those); the pid lets remove_stale_temp_files tell whose it is.
+    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-",
+                               suffix=f"-{os.path.basename(path)}.part", dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -303,6 +306,44 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+_TMP_PREFIX = ".tmp-"
+
+
+def remove_stale_temp_files(folder: str) -> int:
+    """Delete temporary files of :func:`atomic_write` whose writing process is gone.
+
+    Only a SIGKILL or a power cut leaves one; a live process's files are kept.
+    Returns the number removed.
+    """
+    removed = 0
+    if not os.path.isdir(folder):
+        return 0
+    for name in os.listdir(folder):
+        if not (name.startswith(_TMP_PREFIX) and name.endswith(".part")):
+            continue
+        try:
+            pid = int(name[len(_TMP_PREFIX):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            try:
+                os.unlink(os.path.join(folder, name))
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_savemat(path: str, data: Mapping) -> None:

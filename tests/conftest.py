@@ -8,3 +8,46 @@ if ROOT not in sys.path:
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Tests run on the CPU whatever the machine has, so numbers are reproducible.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import pytest  # noqa: E402
+
+
+def _fit_linear_digits():
+    """Weights [784, 10] and biases of a logistic regression on the digits set."""
+    from sklearn.linear_model import LogisticRegression
+
+    import models
+
+    data = models.load_dataset("digits")
+    x = data.train_data.reshape(len(data.train_data), -1)
+    clf = LogisticRegression(max_iter=300, C=0.1).fit(x, data.train_labels.argmax(1))
+    return clf.coef_.T.astype("float32"), clf.intercept_.astype("float32")
+
+
+@pytest.fixture(scope="session")
+def linear_weights():
+    return _fit_linear_digits()
+
+
+def _save_dense_model(path, weights, bias, activation=None):
+    import keras
+
+    inp = keras.Input((28, 28, 1))
+    dense = keras.layers.Dense(10, activation=activation)
+    model = keras.Model(inp, dense(keras.layers.Flatten()(inp)))
+    dense.set_weights([weights, bias])
+    model.save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def linear_model_path(tmp_path_factory, linear_weights):
+    """A linear classifier of the digits (a Keras .keras file): g has constant gradient."""
+    return _save_dense_model(tmp_path_factory.mktemp("models") / "linear.keras", *linear_weights)
+
+
+@pytest.fixture(scope="session")
+def tanh_model_path(tmp_path_factory, linear_weights):
+    """tanh of the linear logits: same predictions, gradients that vary with x."""
+    return _save_dense_model(tmp_path_factory.mktemp("models") / "lintanh.keras",
+                             *linear_weights, activation="tanh")
