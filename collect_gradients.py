@@ -87,6 +87,11 @@ def parse_args(argv):
                         "defend_png, defend_none")
     g.add_argument("--order", type=int, choices=(1, 2), default=1,
                    help="1: gradient norms; 2: second-order CLEVER (curvature)")
+    g.add_argument("--power_iters", type=int, default=20,
+                   help="power-iteration steps per curvature estimate (--order 2)")
+    g.add_argument("--force_order2", action="store_true",
+                   help="run --order 2 on a model with ReLU-like activations, whose Hessian "
+                        "is zero almost everywhere")
     g.add_argument("--compute_slope", action="store_true",
                    help="also store SLOPE estimates (L1_max, L2_max, Li_max)")
     g.add_argument("-b", "--batch_size", type=int, default=0,
@@ -116,8 +121,9 @@ def _validate(args) -> None:
         check_positive("--radius", args.radius)
     if args.compute_slope and args.Nsamps < 2:
         raise ToolError("--compute_slope needs --Nsamps of at least 2 (pairs of samples)")
-    if args.order == 2:
-        raise ToolError("--order 2 (second-order CLEVER) is not available yet in this version")
+    check_positive("--power_iters", args.power_iters)
+    if args.order == 2 and args.compute_slope:
+        raise ToolError("--compute_slope applies to --order 1 only")
     args.kinds = (common.target_kinds_from_names(args.targets) if args.targets
                   else common.target_kinds_from_mask(args.target_type))
     if args.sampler == "auto":
@@ -173,20 +179,30 @@ def _image_ids(args, num_test: int):
     return ids, user_targets
 
 
-def _mat_record(args, task, target, result, logits0, path, model_name, dim, radius, versions):
-    """The .mat dictionary of one (image, target): SPEC keys first, then provenance."""
-    run_args = {k: ("" if v is None else v) for k, v in vars(args).items() if k != "kinds"}
-    run_args["targets_resolved"] = ",".join(k.name.lower() for k in args.kinds)
-    prov = common.provenance(run_args, model_name=model_name, radius=radius)
+def _spec_keys(args, task, target, result, logits0, path, grad_x0_norm=None):
+    """The keys of SPEC section 3 for one (image, target), first or second order."""
+    keys = {"g_x0": np.float64(result.g_x0), "pred": logits0.astype(np.float32)[None, :],
+            "id": task.img_id, "true_label": task.true_label, "target_label": target.label,
+            "info": target.info, "args": _run_args(args), "path": path}
+    if args.order == 2:
+        keys.update(H2_max=result.grad_max[:, 0], g_x0_grad_2_norm=np.float64(grad_x0_norm))
+    else:
+        keys.update(G1_max=result.grad_max[:, 0], G2_max=result.grad_max[:, 1],
+                    Gi_max=result.grad_max[:, 2], L1_max=result.slope_max[:, 0],
+                    L2_max=result.slope_max[:, 1], Li_max=result.slope_max[:, 2])
+    return keys
+
+
+def _run_args(args) -> dict:
+    """The run's arguments as a MATLAB-storable dict (None becomes '')."""
+    out = {k: ("" if v is None else v) for k, v in vars(args).items() if k != "kinds"}
+    out["targets_resolved"] = ",".join(k.name.lower() for k in args.kinds)
+    return out
+
+
+def _provenance_keys(args, result, model_name, dim, radius, versions) -> dict:
+    """Keys this toolkit adds: what is needed to reproduce a file and to cap its bound."""
     return {
-        "G1_max": result.grad_max[:, 0], "G2_max": result.grad_max[:, 1],
-        "Gi_max": result.grad_max[:, 2],
-        "L1_max": result.slope_max[:, 0], "L2_max": result.slope_max[:, 1],
-        "Li_max": result.slope_max[:, 2],
-        "g_x0": np.float64(result.g_x0), "pred": logits0.astype(np.float32)[None, :],
-        "id": task.img_id, "true_label": task.true_label, "target_label": target.label,
-        "info": target.info, "args": run_args, "path": path,
-        # Additions of this toolkit: what is needed to reproduce and to cap the bound.
         "radius": float(radius), "sample_norm": args.sample_norm,
         "uniform_ball": int(args.uniform_ball), "sampler": args.sampler, "seed": args.seed,
         "Nsamps": args.Nsamps, "Niters": args.Niters, "batch_size": args.batch_size,
@@ -196,8 +212,24 @@ def _mat_record(args, task, target, result, logits0, path, model_name, dim, radi
         "nan_samples": result.nan_samples, "zero_samples": result.zero_samples,
         "tool_version": versions.get("tool", ""), "tf_version": versions.get("tensorflow", ""),
         "keras_version": versions.get("keras", ""), "numpy_version": versions.get("numpy", ""),
-        "provenance": json.dumps(prov),
+        "provenance": json.dumps(common.provenance(_run_args(args), model_name=model_name,
+                                                   radius=radius)),
     }
+
+
+#: Activations whose second derivative is zero almost everywhere.
+_PIECEWISE_LINEAR = ("relu", "brelu", "leaky_relu", "relu6", "hard_sigmoid", "hard_tanh")
+
+
+def piecewise_linear_layers(model) -> list[str]:
+    """Names of the layers of a Keras model with ReLU-like (piecewise-linear) activations."""
+    found = []
+    for layer in getattr(model, "_flatten_layers", lambda **kw: [])(include_self=False):
+        act = getattr(layer, "activation", None)
+        name = getattr(act, "__name__", "") if act is not None else ""
+        if type(layer).__name__ in ("ReLU", "LeakyReLU") or name in _PIECEWISE_LINEAR:
+            found.append(layer.name)
+    return found
 
 
 def _raise_on_sigterm(signum, frame):
@@ -220,8 +252,16 @@ def main(args) -> int:
     input_shape = test_data.shape[1:]
     dim = int(np.prod(input_shape))
     ids, user_targets = _image_ids(args, len(test_data))
+    if args.order == 2 and not args.force_order2:
+        flat = piecewise_linear_layers(model)
+        if flat:
+            raise ToolError(f"--order 2: the model has piecewise-linear activations "
+                            f"({', '.join(flat[:3])}{'...' if len(flat) > 3 else ''}); its "
+                            "Hessian is zero almost everywhere. Use a smooth model (e.g. "
+                            "--activation tanh) or --force_order2")
     estimator = GradientNormEstimator(model, input_shape, args.batch_size,
-                                      compute_slope=args.compute_slope)
+                                      compute_slope=args.compute_slope, order=args.order,
+                                      power_iters=args.power_iters)
 
     transform = None
     if args.transform:
@@ -275,7 +315,7 @@ def main(args) -> int:
             targets = [t for t, _ in pending]
             labels = [t.label for t in targets]
             bar.set_postfix_str(f"image {task.img_id}, {len(labels)} targets")
-            grad = np.full((args.Niters, len(labels), 3), np.nan)
+            grad = np.full((args.Niters, len(labels), 3 if args.order == 1 else 1), np.nan)
             slope = np.zeros((args.Niters, len(labels), 3))
             nan_s = np.zeros(len(labels), np.int64)
             zero_s = np.zeros(len(labels), np.int64)
@@ -291,7 +331,13 @@ def main(args) -> int:
                 zero_s += st.zero
                 nan_b += st.nan > 0
                 zero_b += st.zero >= args.Nsamps
-                if not args.quiet:
+                if not args.quiet and args.order == 2:
+                    for k, target in enumerate(targets):
+                        print("[STATS][L2] loop = {}, time = {:.5g}, iter_time = {:.5g}, "
+                              "overhead = {:.5g}, H2 = {:.5g}, target_class = {}".format(
+                                  st.iteration, time.time() - start, st.seconds, st.wait,
+                                  st.grad_max[k, 0], target.label), flush=False)
+                elif not args.quiet:
                     for k, target in enumerate(targets):
                         print("[STATS][L2] loop = {}, time = {:.5g}, iter_time = {:.5g}, "
                               "overhead = {:.5g}, G2 = {:.5g}, G1 = {:.5g}, Ginf = {:.5g}, "
@@ -301,6 +347,9 @@ def main(args) -> int:
                                   target.label), flush=False)
                 bar.update(1)
             seconds = time.time() - t_img
+            grad_x0 = None
+            if args.order == 2:
+                grad_x0 = estimator.gradient_norms_at(evaluated[task.img_id], task.predicted, labels)
             for k, (target, path) in enumerate(pending):
                 res = TargetResult(target.label,
                                    float(task.logits[task.predicted] - task.logits[target.label]),
@@ -311,9 +360,11 @@ def main(args) -> int:
                                 "gradients are all zero (gradient masking?); recorded in %s",
                                 task.img_id, target.label, res.nan_samples, res.zero_batches,
                                 os.path.basename(path))
-                common.atomic_savemat(path, _mat_record(args, task, target, res, task.logits,
-                                                        path, model_name, dim, sampler.radius,
-                                                        versions))
+                record = _spec_keys(args, task, target, res, task.logits, path,
+                                    grad_x0[k, 1] if args.order == 2 else None)
+                record.update(_provenance_keys(args, res, model_name, dim, sampler.radius,
+                                               versions))
+                common.atomic_savemat(path, record)
                 total += 1
                 print("[STATS][L1] total = {}, seq = {}, id = {}, time = {:.3f}, true_class = {}, "
                       "target_class = {}, info = {}".format(total, task.seq_no, task.img_id,

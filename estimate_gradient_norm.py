@@ -72,7 +72,8 @@ class IterationStats:
     """Maxima over the N_s points of one iteration, for each of T targets.
 
     ``grad_max``: [T, 3] maxima of the gradient's L1, L2, L-inf norms (NaN
-    when every sample was NaN). ``slope_max``: [T, 3] or None. ``nan`` and
+    when every sample was NaN); with order 2, [T, 1] maxima of the negative
+    curvature magnitude H. ``slope_max``: [T, 3] or None. ``nan`` and
     ``zero``: [T] numbers of samples with a NaN / an all-zero gradient.
     ``seconds``: wall time of the iteration; ``wait``: of it, the time spent
     waiting for sampled points (the overhead the pool should hide).
@@ -123,25 +124,28 @@ class GradientNormEstimator:
 
     def __init__(self, model, input_shape: Sequence[int], batch_size: int,
                  clip: tuple[float, float] = (DATA_MIN, DATA_MAX), compute_slope: bool = False,
-                 jit_compile: bool = False):
+                 jit_compile: bool = False, order: int = 1, power_iters: int = 20):
         self.model = model
         self.input_shape = tuple(int(s) for s in input_shape)
         self.dim = int(np.prod(self.input_shape))
         self.batch_size = int(batch_size)
         self.clip = (float(clip[0]), float(clip[1]))
         self.compute_slope = bool(compute_slope)
-        self._from_points = tf.function(self._stats,
-                                        jit_compile=jit_compile)
-        self._from_sampler = tf.function(self._sampled_stats,
-                                         jit_compile=jit_compile)
+        self.order = int(order)
+        self.power_iters = int(power_iters)
+        core = self._stats if self.order == 1 else self._curvature_stats
+        self._from_points = tf.function(core, jit_compile=jit_compile)
+        self._from_sampler = tf.function(self._sampled_stats, jit_compile=jit_compile)
+        self._grad_at = tf.function(self._gradient_norms)
 
     # -- the compiled core ------------------------------------------------
-    def _stats(self, x, c, targets):
-        """Statistics of one batch.
+    def _norm_rows(self, x, c, targets):
+        """Per-sample gradient norms of every g_j.
 
-        x: float32 [B, *input_shape] (already clipped/transformed);
-        c: int32 scalar, the predicted class; targets: int32 [T].
-        Returns grad_max [T, 3], slope_max [T, 3], nan [T], zero [T].
+        x: float32 [B, *input_shape]; c: int32 scalar, the predicted class;
+        targets: int32 [T] (T static: one backward pass per target, sharing
+        the forward pass). Returns norms [T, B, 3] (L1, L2, L-inf) and
+        g [B, T] = f_c - f_j at each point.
         """
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(x)
@@ -149,27 +153,34 @@ class GradientNormEstimator:
         num_classes = tf.shape(logits)[1]
         weights = (tf.one_hot(c, num_classes)[None, :]
                    - tf.one_hot(targets, num_classes))       # [T, K]: g_j = w_j . logits
-        g = tf.linalg.matmul(logits, weights, transpose_b=True)  # [B, T]
-        maxima, nans, zeros = [], [], []
-        for t in range(targets.shape[0]):  # T is static; one backward pass per target
+        rows = []
+        for t in range(targets.shape[0]):
             # A non-differentiable model (e.g. input quantisation) has no gradient path:
-            # that is a zero gradient, counted below, not an error.
+            # that is a zero gradient, counted by the caller, not an error.
             grad = tape.gradient(logits, x, output_gradients=tf.broadcast_to(
                 weights[t][None, :], tf.shape(logits)),
                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
             flat = tf.reshape(grad, [tf.shape(grad)[0], -1])
             absg = tf.abs(flat)
-            norms = tf.stack([tf.reduce_sum(absg, axis=1),
-                              tf.sqrt(tf.reduce_sum(tf.square(flat), axis=1)),
-                              tf.reduce_max(absg, axis=1)], axis=1)  # [B, 3]
-            bad = tf.reduce_any(tf.math.is_nan(norms), axis=1)
-            nans.append(tf.reduce_sum(tf.cast(bad, tf.int32)))
-            zeros.append(tf.reduce_sum(tf.cast(tf.logical_and(~bad, norms[:, 2] == 0), tf.int32)))
-            # A NaN sample must not hide the finite ones: it is counted, not maximised.
-            maxima.append(tf.reduce_max(tf.where(bad[:, None], -np.inf, norms), axis=0))
+            rows.append(tf.stack([tf.reduce_sum(absg, axis=1),
+                                  tf.sqrt(tf.reduce_sum(tf.square(flat), axis=1)),
+                                  tf.reduce_max(absg, axis=1)], axis=1))
         del tape
-        slope = self._slopes(x, g) if self.compute_slope else tf.zeros_like(tf.stack(maxima))
-        return tf.stack(maxima), slope, tf.stack(nans), tf.stack(zeros)
+        return tf.stack(rows), tf.linalg.matmul(logits, weights, transpose_b=True)
+
+    def _stats(self, x, c, targets):
+        """Statistics of one batch (see :meth:`_norm_rows` for the arguments).
+
+        Returns grad_max [T, 3], slope_max [T, 3], nan [T], zero [T].
+        """
+        norms, g = self._norm_rows(x, c, targets)
+        bad = tf.reduce_any(tf.math.is_nan(norms), axis=2)                       # [T, B]
+        nans = tf.reduce_sum(tf.cast(bad, tf.int32), axis=1)
+        zeros = tf.reduce_sum(tf.cast(tf.logical_and(~bad, norms[:, :, 2] == 0), tf.int32), axis=1)
+        # A NaN sample must not hide the finite ones: it is counted, not maximised.
+        maxima = tf.reduce_max(tf.where(bad[:, :, None], -np.inf, norms), axis=1)  # [T, 3]
+        slope = self._slopes(x, g) if self.compute_slope else tf.zeros_like(maxima)
+        return maxima, slope, nans, zeros
 
     def _slopes(self, x, g):
         half = tf.shape(x)[0] // 2
@@ -184,7 +195,77 @@ class GradientNormEstimator:
     def _sampled_stats(self, x0, c, targets, seed, sampler: BallSampler, n: int):
         delta = tf_draw(sampler, seed, n, self.dim)
         x = tf.clip_by_value(tf.reshape(x0, [1, -1]) + delta, *self.clip)
-        return self._stats(tf.reshape(x, (n,) + self.input_shape), c, targets)
+        x = tf.reshape(x, (n,) + self.input_shape)
+        if self.order == 1:
+            return self._stats(x, c, targets)
+        return self._curvature_stats(x, c, targets)
+
+    # -- second order -------------------------------------------------------
+    def _hvp(self, x, weights, v):
+        """Hessian-vector products of g = weights . logits, per sample.
+
+        x, v: [B, *input_shape]; weights: [K]. Returns (H v, grad g), both
+        shaped like x. Samples are independent, so differentiating the sum
+        over the batch gives every sample's own derivatives.
+        """
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                g = tf.reduce_sum(self.model(x, training=False) * weights[None, :])
+            grad = inner.gradient(g, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            gv = tf.reduce_sum(grad * v)
+        hv = outer.gradient(gv, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return hv, grad
+
+    def _power_iteration(self, x, weights, shift):
+        """Dominant eigenvalue of (Hessian of g - shift I) per sample: [B].
+
+        ``shift``: [B]. Power iteration from a fixed random start; the
+        Rayleigh quotient of the last iterate is the estimate.
+        """
+        b = tf.shape(x)[0]
+        axes = list(range(1, len(self.input_shape) + 1))
+        v = tf.random.stateless_normal(tf.shape(x), seed=[7, 11])
+        v = v / tf.norm(tf.reshape(v, [b, -1]), axis=1)[(...,) + (None,) * len(axes)]
+        lam = tf.zeros([b])
+        for _ in range(self.power_iters):
+            hv, _ = self._hvp(x, weights, v)
+            hv = hv - shift[(...,) + (None,) * len(axes)] * v
+            lam = tf.reduce_sum(hv * v, axis=axes)
+            norm = tf.norm(tf.reshape(hv, [b, -1]), axis=1)
+            # A zero Hessian (piecewise-linear region) keeps v: lam stays 0.
+            v = tf.where((norm > 0)[(...,) + (None,) * len(axes)],
+                         hv / tf.maximum(norm, 1e-30)[(...,) + (None,) * len(axes)], v)
+        return lam
+
+    def _curvature_stats(self, x, c, targets):
+        """Batch maxima of the negative-curvature magnitude H of g, per target.
+
+        H(x) = max(0, -lambda_min(Hessian of g at x)): power iteration gives
+        the largest-magnitude eigenvalue mu; if it is positive, a second run
+        on (Hessian - mu I) finds lambda_min - mu (SPEC section 1).
+        Returns curv_max [T, 1], zeros [T, 1] (no slopes), nan [T], zero [T].
+        """
+        num_classes = tf.shape(self.model(x[:1], training=False))[1]
+        maxima, nans, zeros = [], [], []
+        b = tf.shape(x)[0]
+        for t in range(targets.shape[0]):
+            weights = tf.one_hot(c, num_classes) - tf.one_hot(targets[t], num_classes)
+            mu = self._power_iteration(x, weights, tf.zeros([b]))
+            shifted = self._power_iteration(x, weights, tf.maximum(mu, 0.0))
+            lam_min = tf.where(mu > 0, shifted + mu, mu)
+            h = tf.maximum(-lam_min, 0.0)
+            bad = tf.math.is_nan(h)
+            nans.append(tf.reduce_sum(tf.cast(bad, tf.int32)))
+            zeros.append(tf.reduce_sum(tf.cast(tf.logical_and(~bad, h == 0), tf.int32)))
+            maxima.append(tf.reduce_max(tf.where(bad, -np.inf, h))[None])
+        curv = tf.stack(maxima)
+        return curv, tf.zeros_like(curv), tf.stack(nans), tf.stack(zeros)
+
+    def _gradient_norms(self, x, c, targets):
+        """Gradient L1, L2, L-inf norms of g_j at each point: [B, T, 3]."""
+        return tf.transpose(self._norm_rows(x, c, targets)[0], [1, 0, 2])
 
     # -- host-side driver ---------------------------------------------------
     def logits(self, x: np.ndarray) -> np.ndarray:
@@ -192,6 +273,12 @@ class GradientNormEstimator:
         out = [np.asarray(self.model(tf.constant(x[i:i + self.batch_size]), training=False))
                for i in range(0, len(x), self.batch_size)]
         return np.concatenate(out, axis=0)
+
+    def gradient_norms_at(self, x: np.ndarray, c: int, targets: Sequence[int]) -> np.ndarray:
+        """Gradient L1, L2, L-inf norms of g_j at one input x: float64 [T, 3]."""
+        out = self._grad_at(tf.constant(np.asarray(x, np.float32)[None]),
+                            tf.constant(int(c), tf.int32), tf.constant(list(targets), tf.int32))
+        return out.numpy()[0].astype(np.float64)
 
     def parts(self, nsamps: int) -> list[int]:
         """Sizes of the model batches that make up one iteration of ``nsamps`` points."""

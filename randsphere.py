@@ -241,6 +241,11 @@ class SamplerPool:
         log.debug("sampler pool %s: %d workers, %d slots of %d points", self.name,
                   self.nworkers, self.nslots, self.slot_points)
 
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the workers (for monitoring)."""
+        return [p.pid for p in self._procs]
+
     # -- protocol ---------------------------------------------------------
     def _conn(self, slot: int):
         return self._conns[slot % self.nworkers]

@@ -334,7 +334,7 @@ def test_all_targets_share_the_samples(linear_weights):
 # Errors, interruption, SIGKILL
 # --------------------------------------------------------------------------
 @pytest.mark.parametrize("argv,needle", [
-    (["--order", "2"], "--order 2"),
+    (["--order", "2", "--compute_slope"], "--compute_slope"),
     (["--transform", "defend_blur", "--sampler", "shm"], "defend_blur"),
     (["-N", "-3"], "--Nsamps"),
     (["--model_path", "/nonexistent/model.keras"], "--model_path"),
@@ -429,3 +429,81 @@ def test_ctrl_c_stops_cleanly(tmp_path, tanh_model_path):
     assert not [f for f in os.listdir(out_dir) if f.endswith(".part")]
     for path in _mats(out_dir):
         assert _load(path)["G2_max"].size == 200
+
+
+# --------------------------------------------------------------------------
+# Second order
+# --------------------------------------------------------------------------
+def _quadratic_model(eigenvalues, seed=0):
+    """Logits [g(x), 0, 0] with g(x) = 0.5 x'Ax + 10 and A = Q diag(eigenvalues) Q'."""
+    import tensorflow as tf
+
+    d = len(eigenvalues)
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, d)))
+    a = tf.constant(q @ np.diag(eigenvalues) @ q.T, tf.float32)
+
+    def model(x, training=False):
+        flat = tf.reshape(x, [-1, d])
+        g = 0.5 * tf.reduce_sum(flat * (flat @ a), axis=1) + 10.0
+        return tf.stack([g, tf.zeros_like(g), tf.zeros_like(g)], axis=1)
+
+    return model
+
+
+@pytest.mark.parametrize("eigenvalues,expected", [
+    ([-3.0, 1.0, 0.5, 0.2] + [0.1] * 12, 3.0),     # dominant eigenvalue is the most negative
+    ([5.0, -2.0, 1.0, -0.5] + [0.3] * 12, 2.0),    # needs the shift to reach -2
+    ([2.0, 1.0] + [0.5] * 14, 0.0),                # convex: no negative curvature
+])
+def test_curvature_of_a_quadratic_is_its_most_negative_eigenvalue(eigenvalues, expected):
+    from estimate_gradient_norm import GradientNormEstimator
+
+    est = GradientNormEstimator(_quadratic_model(eigenvalues), (4, 4, 1), 32, order=2,
+                                power_iters=40)
+    x0 = np.zeros((4, 4, 1), np.float32)
+    stats = list(est.iterate(x0, 0, [1, 2], 32, 3, 1, 0, BallSampler.create("l2", 0.3)))
+    for st in stats:
+        assert st.grad_max.shape == (2, 1)
+        np.testing.assert_allclose(st.grad_max[:, 0], expected, rtol=0.01, atol=1e-4)
+
+
+def test_order2_files_on_a_smooth_model(tmp_path, tanh_model_path, linear_weights):
+    _run(["--model_path", tanh_model_path, "--order", "2", "-N", "32", "-i", "3", "-n", "2",
+          "--targets", "top2", "--power_iters", "10", "-s", str(tmp_path), "-q", "--no_progress"])
+    files = _mats(tmp_path)
+    assert files and all(p.endswith("_order2.mat") for p in files)
+    import tensorflow as tf
+    import keras
+
+    model = keras.saving.load_model(tanh_model_path)
+    import models
+
+    data = models.load_dataset("digits")
+    for path in files:
+        d = _load(path)
+        assert {"H2_max", "g_x0_grad_2_norm", "g_x0", "pred", "id", "true_label",
+                "target_label", "info", "args", "path"} <= set(d)
+        assert "G2_max" not in d and d["order"].item() == 2
+        h = d["H2_max"].ravel()
+        assert h.size == 3 and np.all(np.isfinite(h)) and np.all(h > 0)
+        c, j, i = d["true_label"].item(), d["target_label"].item(), d["id"].item()
+        x = tf.constant(data.test_data[i:i + 1])
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = model(x)
+            g = out[:, c] - out[:, j]
+        np.testing.assert_allclose(d["g_x0_grad_2_norm"].item(),
+                                   np.linalg.norm(tape.gradient(g, x).numpy()), rtol=1e-5)
+
+
+def test_order2_refuses_relu_models_unless_forced(tmp_path, capsys):
+    import keras
+
+    inp = keras.Input((28, 28, 1))
+    hidden = keras.layers.Dense(8, activation="relu")(keras.layers.Flatten()(inp))
+    path = str(tmp_path / "relu.keras")
+    keras.Model(inp, keras.layers.Dense(10)(hidden)).save(path)
+    status = run_cli(collect_gradients.main, collect_gradients.parse_args,
+                     ["--model_path", path, "--order", "2", "-s", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert status == 2 and "piecewise-linear" in err and "--force_order2" in err
