@@ -53,7 +53,13 @@ def parse_args(argv):
     g.add_argument("--models_dir", default="models", help="folder of the trained models")
     g.add_argument("--data_dir", default="data", help="folder of the dataset files")
     g.add_argument("--weights", default="imagenet",
-                   help="ImageNet weights: imagenet (Keras cache), random, or a file")
+                   help="ImageNet weights: imagenet (Keras cache), random, a weights file, or "
+                        "an original frozen graph (.pb)")
+    g.add_argument("--labels_file", default=None,
+                   help="ImageNet: a file of 'filename label' lines (labels from 0) instead of "
+                        "labels in the image names ('<label>.<anything>.jpg', from 1)")
+    g.add_argument("--input_size", type=int, default=None,
+                   help="ImageNet: build the zoo model for this image size instead of its own")
     g = p.add_argument_group("images and targets")
     g.add_argument("-n", "--numimg", type=int, default=10, help="number of images to examine")
     g.add_argument("-f", "--firstimg", type=int, default=0, help="index of the first image")
@@ -244,10 +250,10 @@ def main(args) -> int:
     from randsphere import BallSampler, SamplerPool
 
     sampler = BallSampler.create(args.sample_norm, args.radius, args.uniform_ball)
+    common.set_seed(args.seed)  # before building: --weights random is reproducible
     model, test_data, test_labels, model_name, label_offset = _load(args)
     from estimate_gradient_norm import GradientNormEstimator, TargetResult
 
-    common.set_seed(args.seed)
     versions = common.versions()
     input_shape = test_data.shape[1:]
     dim = int(np.prod(input_shape))
@@ -272,8 +278,10 @@ def main(args) -> int:
     else:
         clean = test_data[ids]
     logits = estimator.logits(clean)
+    # A 1001-output model's class 0 is "background": never a target (as the original).
     tasks = utils.generate_data(test_data, test_labels, logits, ids, args.kinds, args.seed,
-                                user_targets, label_offset=label_offset)
+                                user_targets, excluded=(0,) if label_offset else (),
+                                label_offset=label_offset)
     for task in tasks:
         print(utils.datagen_line(task), flush=True)
         if not task.correct:

@@ -268,9 +268,12 @@ def set_seed(seed: int, with_tf: bool = True) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     if with_tf:
+        import keras
         import tensorflow as tf
 
         tf.random.set_seed(seed)
+        # Keras 3 keeps its own seed for initialisers: random weights become reproducible.
+        keras.utils.set_random_seed(seed)
 
 
 def derived_seed(*parts: int) -> np.random.SeedSequence:

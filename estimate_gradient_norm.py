@@ -160,11 +160,12 @@ class GradientNormEstimator:
             grad = tape.gradient(logits, x, output_gradients=tf.broadcast_to(
                 weights[t][None, :], tf.shape(logits)),
                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            flat = tf.reshape(grad, [tf.shape(grad)[0], -1])
-            absg = tf.abs(flat)
-            rows.append(tf.stack([tf.reduce_sum(absg, axis=1),
-                                  tf.sqrt(tf.reduce_sum(tf.square(flat), axis=1)),
-                                  tf.reduce_max(absg, axis=1)], axis=1))
+            absg = tf.abs(tf.reshape(grad, [tf.shape(grad)[0], -1]))
+            linf = tf.reduce_max(absg, axis=1)
+            # L2 scaled by L-inf: squares of tiny gradients (1e-20) underflow in float32.
+            scaled = absg / tf.where(linf > 0, linf, 1.0)[:, None]
+            l2 = linf * tf.sqrt(tf.reduce_sum(tf.square(scaled), axis=1))
+            rows.append(tf.stack([tf.reduce_sum(absg, axis=1), l2, linf], axis=1))
         del tape
         return tf.stack(rows), tf.linalg.matmul(logits, weights, transpose_b=True)
 

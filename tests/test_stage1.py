@@ -507,3 +507,21 @@ def test_order2_refuses_relu_models_unless_forced(tmp_path, capsys):
                      ["--model_path", path, "--order", "2", "-s", str(tmp_path)])
     err = capsys.readouterr().err
     assert status == 2 and "piecewise-linear" in err and "--force_order2" in err
+
+
+def test_tiny_gradients_do_not_underflow_the_l2_norm():
+    """float32 squares of 1e-20 underflow; the L2 norm must still be exact."""
+    import tensorflow as tf
+
+    from estimate_gradient_norm import GradientNormEstimator
+
+    w = np.random.default_rng(5).normal(size=(16, 2)) * 1e-20
+    wt = tf.constant(w, tf.float32)
+    est = GradientNormEstimator(lambda x, training=False: tf.reshape(x, [-1, 16]) @ wt,
+                                (4, 4, 1), 8)
+    st = next(est.iterate(np.zeros((4, 4, 1), np.float32), 0, [1], 8, 1, 1, 0,
+                          BallSampler.create("li", 0.1)))
+    diff = w[:, 0].astype(np.float32).astype(np.float64) - w[:, 1].astype(np.float32)
+    np.testing.assert_allclose(st.grad_max[0], [np.abs(diff).sum(), np.linalg.norm(diff),
+                                                np.abs(diff).max()], rtol=1e-5)
+    assert st.zero[0] == 0
