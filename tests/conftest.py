@@ -1,6 +1,10 @@
 """Test configuration: the repository root is importable, TensorFlow is quiet."""
+import argparse
 import os
+import re
+import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -51,3 +55,39 @@ def tanh_model_path(tmp_path_factory, linear_weights):
     """tanh of the linear logits: same predictions, gradients that vary with x."""
     return _save_dense_model(tmp_path_factory.mktemp("models") / "lintanh.keras",
                              *linear_weights, activation="tanh")
+
+
+TRAIN_LINE = re.compile(r"\[TRAIN\] dataset = digits, model = (\S+), test_accuracy = (\d\.\d{4}), "
+                        r"time = (\d+\.\d)s")
+
+
+@pytest.fixture(scope="session")
+def trained_digits(tmp_path_factory):
+    """The four digits demo models, trained once per session with default settings.
+
+    Returns a namespace: dir (a --models_dir), stdout, results (name ->
+    (test accuracy, seconds)), wall (seconds).
+    """
+    models_dir = tmp_path_factory.mktemp("digits_models")
+    start = time.time()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_models.py"), "--dataset",
+                           "digits", "--models", "normal,distilled,2-layer,brelu", "--models_dir",
+                           str(models_dir)], capture_output=True, text=True, cwd=ROOT, timeout=1800,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    wall = time.time() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {m.group(1): (float(m.group(2)), float(m.group(3)))
+               for m in TRAIN_LINE.finditer(proc.stdout)}
+    return argparse.Namespace(dir=str(models_dir), stdout=proc.stdout, results=results, wall=wall)
+
+
+@pytest.fixture(scope="session")
+def digits_tanh_dir(trained_digits):
+    """Adds the 7-layer tanh CNN (digits_cnn_7layer_tanh) to the trained models' folder."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_nlayer.py"), "--model",
+                           "digits", "--modeltype", "cnn", "--activation", "tanh", "32", "32", "64",
+                           "64", "200", "200", "--models_dir", trained_digits.dir],
+                          capture_output=True, text=True, cwd=ROOT, timeout=1800,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return trained_digits.dir
