@@ -66,7 +66,7 @@ demo() {
     echo "[run.sh] stage 1: gradient norms of the digits 'normal' model (targets top2, random, least)" >&2
     "$PY" collect_gradients.py -d digits -m normal -n 5 -N 256 -i 50 -s "$save" -q
     echo "[run.sh] stage 1: untargeted (all classes) for 2 images" >&2
-    "$PY" collect_gradients.py -d digits -m normal -n 2 -N 256 -i 50 --targets all -s "$save/untargeted" -q
+    "$PY" collect_gradients.py -d digits -m normal -n 2 -N 128 -i 50 --targets all -s "$save/untargeted" -q
     echo "[run.sh] stage 2: CLEVER scores" >&2
     "$PY" clever.py "$save/digits_normal" --summary "$save/summary.json" | grep '^\[STATS\]\[L0\]'
     "$PY" clever.py "$save/untargeted/digits_normal" --untargeted | grep '^\[STATS\]\[L[01]\]'

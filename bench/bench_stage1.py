@@ -31,6 +31,7 @@ def parse_args(argv):
     p.add_argument("--niters", type=int, default=20)
     p.add_argument("--batch_size", type=int, default=1024)
     p.add_argument("--sampler", choices=("tf", "shm", "both"), default="both")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (minimum kept)")
     p.add_argument("--skip_art", action="store_true")
     p.add_argument("--seed", type=int, default=1215)
     return p.parse_args(argv)
@@ -69,7 +70,7 @@ def _bare_seconds(model, points, c, j):
             g = logits[:, c] - logits[:, j]
         return tape.gradient(g, x)
 
-    grad(points[0]).numpy()  # compile outside the timing, as stage 1's warm-up does
+    grad(points[0]).numpy()  # trace and compile outside the timing
     t0 = time.perf_counter()
     for x in points:
         out = grad(x)
@@ -142,18 +143,20 @@ def main(args):
             # Warm up: trace and compile both the 1-target and the 9-target functions.
             _stage1_seconds(est, x0, c, [j], args.nsamps, 1, sampler, pool, args.seed)
             _stage1_seconds(est, x0, c, others, args.nsamps, 1, sampler, pool, args.seed)
-            bare = _bare_seconds(model, points, c, j)
-            single = _stage1_seconds(est, x0, c, [j], args.nsamps, args.niters, sampler, pool,
-                                     args.seed)
-            bare2 = _bare_seconds(model, points, c, j)  # bracket: machine load may drift
-            multi = _stage1_seconds(est, x0, c, others, args.nsamps, args.niters, sampler, pool,
-                                    args.seed)
+            # Interleaved rounds, minimum of each: other load on the machine drifts over
+            # minutes and must not favour whichever measurement ran in a quiet moment.
+            bare = single = multi = float("inf")
+            for _ in range(args.rounds):
+                bare = min(bare, _bare_seconds(model, points, c, j))
+                single = min(single, _stage1_seconds(est, x0, c, [j], args.nsamps, args.niters,
+                                                     sampler, pool, args.seed))
+                multi = min(multi, _stage1_seconds(est, x0, c, others, args.nsamps, args.niters,
+                                                   sampler, pool, args.seed))
             if pool is not None:
                 worker_peak = max(_peak_rss_mib(pid) for pid in pool.pids)
         finally:
             if pool is not None:
                 pool.close()
-        bare = min(bare, bare2)
         results[name] = single
         print(f"\n[sampler {name}]")
         print(f"  bare GradientTape loop: {n_grad / bare:10.0f} gradients/s ({bare:.2f} s)")
