@@ -27,7 +27,8 @@ import numpy as np
 
 import common
 from common import ToolError
-from setup_mnist import NUM_CLASSES, VALIDATION_SIZE, check_labels, describe, download_file, one_hot, scale_pixels
+from setup_mnist import (NUM_CLASSES, VALIDATION_SIZE, check_labels, describe, download_file,
+                         hold_out_validation, one_hot, scale_pixels)
 
 log = logging.getLogger("clever.data")
 
@@ -145,14 +146,8 @@ class CIFAR:
         train_images = np.concatenate([p[0] for p in parts])
         train_labels = np.concatenate([p[1] for p in parts])
         test_images, test_labels = read_batch(os.path.join(folder, TEST_FILE))
-        if len(train_images) <= validation_size:
-            raise ToolError(f"{folder}: only {len(train_images)} training images, fewer than the "
-                            f"{validation_size} held out for validation plus one")
-        train_data = scale_pixels(train_images)
-        self.validation_data = train_data[:validation_size]
-        self.validation_labels = one_hot(train_labels[:validation_size])
-        self.train_data = train_data[validation_size:]
-        self.train_labels = one_hot(train_labels[validation_size:])
+        hold_out_validation(self, scale_pixels(train_images), one_hot(train_labels),
+                            validation_size, folder)
         self.test_data = scale_pixels(test_images)
         self.test_labels = one_hot(test_labels)
 

@@ -258,6 +258,19 @@ def load_idx_pair(images_path: str, labels_path: str,
     return scale_pixels(images)[..., np.newaxis], one_hot(labels)
 
 
+def hold_out_validation(dataset, train_data: np.ndarray, train_labels: np.ndarray,
+                        validation_size: int, source: str) -> None:
+    """Set ``dataset``'s validation set to the first ``validation_size`` training
+    images and its training set to the rest, as the original tool did."""
+    if len(train_data) <= validation_size:
+        raise ToolError(f"{source}: only {len(train_data)} training images, fewer than the "
+                        f"{validation_size} held out for validation plus one")
+    dataset.validation_data = train_data[:validation_size]
+    dataset.validation_labels = train_labels[:validation_size]
+    dataset.train_data = train_data[validation_size:]
+    dataset.train_labels = train_labels[validation_size:]
+
+
 class MNIST:
     """The MNIST data set from the four standard IDX files in ``data_dir``.
 
@@ -280,13 +293,7 @@ class MNIST:
         paths = find_mnist_files(data_dir, download, mirrors)
         train_data, train_labels = load_idx_pair(paths["train_images"], paths["train_labels"])
         self.test_data, self.test_labels = load_idx_pair(paths["test_images"], paths["test_labels"])
-        if len(train_data) <= validation_size:
-            raise ToolError(f"{paths['train_images']}: only {len(train_data)} training images, "
-                            f"fewer than the {validation_size} held out for validation plus one")
-        self.validation_data = train_data[:validation_size]
-        self.validation_labels = train_labels[:validation_size]
-        self.train_data = train_data[validation_size:]
-        self.train_labels = train_labels[validation_size:]
+        hold_out_validation(self, train_data, train_labels, validation_size, paths["train_images"])
 
 
 # --------------------------------------------------------------------------
