@@ -269,14 +269,12 @@ def main(args) -> int:
                                       compute_slope=args.compute_slope, order=args.order,
                                       power_iters=args.power_iters)
 
-    transform = None
-    if args.transform:
+    transform = args.transform or None
+    clean = test_data[ids]
+    if transform:
         import defense
 
-        transform = args.transform
-        clean = np.stack([defense.apply_transform(transform, test_data[i][None])[0] for i in ids])
-    else:
-        clean = test_data[ids]
+        clean = defense.apply_transform(transform, clean)  # the model sees T(x0)
     logits = estimator.logits(clean)
     # A 1001-output model's class 0 is "background": never a target (as the original).
     tasks = utils.generate_data(test_data, test_labels, logits, ids, args.kinds, args.seed,

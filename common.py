@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -55,11 +55,6 @@ class Norm(enum.Enum):
     def ord(self) -> float:
         """The ``ord`` argument of ``numpy.linalg.norm`` for this norm."""
         return {Norm.L1: 1.0, Norm.L2: 2.0, Norm.LINF: np.inf}[self]
-
-    @property
-    def p(self) -> float:
-        """The exponent p of the norm (inf for L-infinity)."""
-        return self.ord
 
     @property
     def label(self) -> str:
@@ -404,8 +399,3 @@ def check_positive(name: str, value, allow_zero: bool = False):
     if value < 0 or (value == 0 and not allow_zero):
         raise ToolError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, got {value}")
     return value
-
-
-def chunks(seq: Sequence, size: int) -> Iterable[Sequence]:
-    for start in range(0, len(seq), size):
-        yield seq[start:start + size]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -23,9 +23,8 @@ from randsphere import BallSampler, SamplerPool
 
 log = logging.getLogger("clever.estimate")
 
-#: Column order of the norm statistics: gradient L1, L2, L-infinity norms
-#: (keys G1_max, G2_max, Gi_max; slopes L1_max, L2_max, Li_max).
-NORM_COLUMNS = ("1", "2", "i")
+# Norm statistics are in the column order gradient L1, L2, L-infinity norm
+# (keys G1_max, G2_max, Gi_max; slopes L1_max, L2_max, Li_max).
 
 
 # --------------------------------------------------------------------------
@@ -101,7 +100,6 @@ class TargetResult:
     nan_samples: int = 0
     zero_samples: int = 0
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------

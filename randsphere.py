@@ -115,11 +115,6 @@ class BallSampler:
         return pts.reshape((n,) + tuple(np.shape(x0)))
 
 
-def batch_rng(seed: int, img_id: int, iteration: int, part: int = 0) -> np.random.Generator:
-    """The generator of one batch: a function of (seed, image, iteration, part) only."""
-    return np.random.default_rng(derived_seed(seed, img_id, iteration, part))
-
-
 # --------------------------------------------------------------------------
 # Shared-memory worker pool
 # --------------------------------------------------------------------------
