@@ -429,6 +429,15 @@ def exceeds(clever, distortion) -> np.ndarray:
     return np.asarray(clever, np.float64) > np.asarray(distortion, np.float64)
 
 
+def _model_kind_groups(df):
+    """(model, kind, rows) for each model and target kind present, in table order."""
+    for model in _models_in_order(df):
+        for kind in ALL_KINDS:
+            sub = df[(df["model"] == model) & (df["kind"] == kind.value)]
+            if not sub.empty:
+                yield model, kind, sub
+
+
 def table4(records):
     """Table 4: percentage of (image, target) pairs whose CLEVER score exceeds the distortion.
 
@@ -438,18 +447,13 @@ def table4(records):
     """
     import pandas as pd
 
-    df = pd.DataFrame(list(records))
     rows = []
-    for model in _models_in_order(df):
-        for kind in ALL_KINDS:
-            sub = df[(df["model"] == model) & (df["kind"] == kind.value)]
-            if sub.empty:
-                continue
-            row = {"model": model, "target": KIND_LABEL[kind], "n": int(len(sub))}
-            for col, (attack, norm) in TABLE4_COLUMNS.items():
-                hit = exceeds(sub[f"clever_{norm.label}"], sub[f"{attack.value}_{norm.label}"])
-                row[col] = 100.0 * float(hit.mean())
-            rows.append(row)
+    for model, kind, sub in _model_kind_groups(pd.DataFrame(list(records))):
+        row = {"model": model, "target": KIND_LABEL[kind], "n": int(len(sub))}
+        for col, (attack, norm) in TABLE4_COLUMNS.items():
+            hit = exceeds(sub[f"clever_{norm.label}"], sub[f"{attack.value}_{norm.label}"])
+            row[col] = 100.0 * float(hit.mean())
+        rows.append(row)
     return pd.DataFrame(rows, columns=["model", "target", "n", *TABLE4_COLUMNS])
 
 
@@ -485,17 +489,12 @@ def success_table(records):
     """Attack success rates in percent, per model and kind (failures leave Table 2's means)."""
     import pandas as pd
 
-    df = pd.DataFrame(list(records))
     rows = []
-    for model in _models_in_order(df):
-        for kind in ALL_KINDS:
-            sub = df[(df["model"] == model) & (df["kind"] == kind.value)]
-            if sub.empty:
-                continue
-            row = {"model": model, "target": KIND_LABEL[kind], "n": int(len(sub))}
-            for attack in Attack:
-                row[ATTACK_LABEL[attack]] = 100.0 * float(sub[f"{attack.value}_success"].mean())
-            rows.append(row)
+    for model, kind, sub in _model_kind_groups(pd.DataFrame(list(records))):
+        row = {"model": model, "target": KIND_LABEL[kind], "n": int(len(sub))}
+        for attack in Attack:
+            row[ATTACK_LABEL[attack]] = 100.0 * float(sub[f"{attack.value}_success"].mean())
+        rows.append(row)
     return pd.DataFrame(rows, columns=["model", "target", "n", *ATTACK_LABEL.values()])
 
 
