@@ -238,6 +238,18 @@ def piecewise_linear_layers(model) -> list[str]:
     return found
 
 
+def _iteration_line(st, k: int, target_label: int, elapsed: float) -> str:
+    """The original's per-iteration ``[STATS][L2]`` line for target ``k`` of ``st``.
+
+    Order 1 reports the gradient norms (G2, G1, Ginf), order 2 the curvature H2.
+    """
+    g = st.grad_max[k]
+    values = (f"H2 = {g[0]:.5g}" if len(g) == 1
+              else f"G2 = {g[1]:.5g}, G1 = {g[0]:.5g}, Ginf = {g[2]:.5g}")
+    return (f"[STATS][L2] loop = {st.iteration}, time = {elapsed:.5g}, iter_time = "
+            f"{st.seconds:.5g}, overhead = {st.wait:.5g}, {values}, target_class = {target_label}")
+
+
 def _raise_on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
@@ -337,20 +349,9 @@ def main(args) -> int:
                 zero_s += st.zero
                 nan_b += st.nan > 0
                 zero_b += st.zero >= args.Nsamps
-                if not args.quiet and args.order == 2:
+                if not args.quiet:
                     for k, target in enumerate(targets):
-                        print("[STATS][L2] loop = {}, time = {:.5g}, iter_time = {:.5g}, "
-                              "overhead = {:.5g}, H2 = {:.5g}, target_class = {}".format(
-                                  st.iteration, time.time() - start, st.seconds, st.wait,
-                                  st.grad_max[k, 0], target.label), flush=False)
-                elif not args.quiet:
-                    for k, target in enumerate(targets):
-                        print("[STATS][L2] loop = {}, time = {:.5g}, iter_time = {:.5g}, "
-                              "overhead = {:.5g}, G2 = {:.5g}, G1 = {:.5g}, Ginf = {:.5g}, "
-                              "target_class = {}".format(
-                                  st.iteration, time.time() - start, st.seconds, st.wait,
-                                  st.grad_max[k, 1], st.grad_max[k, 0], st.grad_max[k, 2],
-                                  target.label), flush=False)
+                        print(_iteration_line(st, k, target.label, time.time() - start))
                 bar.update(1)
             seconds = time.time() - t_img
             grad_x0 = None
