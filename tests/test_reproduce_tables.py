@@ -23,6 +23,8 @@ from common import ToolError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("mlp_tanh", "mlp_softplus")
 NUMIMG, NSAMPS, NITERS, CW_ITERS = 3, 16, 12, 30
+#: Neither stage 1's default (3) nor the tables' (5), so the test sees the flag arrive.
+RADIUS = 4.0
 KINDS = ("least", "random", "top2")
 
 
@@ -46,7 +48,7 @@ def _argv(base, *extra):
     return ["--dataset", "digits", "--models", ",".join(MODELS),
             "--models_dir", str(base / "models"), "--data_dir", str(base / "data"),
             "--numimg", str(NUMIMG), "-N", str(NSAMPS), "-i", str(NITERS),
-            "--cw_iterations", str(CW_ITERS), "--cw_binary_steps", "2",
+            "--radius", str(RADIUS), "--cw_iterations", str(CW_ITERS), "--cw_binary_steps", "2",
             "--ifgsm_iterations", "5", "--out", str(base / "out"), "--save", str(base / "save"),
             "--nthreads", "1", "--no_progress", *extra]
 
@@ -233,13 +235,33 @@ def test_markdown_records_settings_versions_and_is_printed(pipeline):
     assert pipeline["first"]["stdout"].startswith("# CLEVER scores and attack distortions")
     for needle in ("| N_s (samples per batch) | 16 |", "| N_b (batches) | 12 |",
                    "| seed | 1215 |", f"{CW_ITERS} iterations, 2 binary search steps",
-                   "| sample norm | l2 |", "| radius R | 3.0 |", "0.01, 0.025, 0.05, 0.1",
+                   "| sample norm | l2 |", f"| radius R | {RADIUS} |", "0.01, 0.025, 0.05, 0.1",
                    f"{NUMIMG} test images", "| tensorflow |", "| keras |", "| numpy |",
                    "Produced by `python reproduce_tables.py", "## Table 2", "## Table 3",
                    "## Table 4", "## Table 5", "## Acceptance checks"):
         assert needle in md, needle
     # The paper's published numbers are quoted for reference.
     assert "93-100%" in md
+
+
+def test_radius_reaches_stage1_and_names_its_folder(pipeline):
+    run = pipeline["first"]["run"]
+    for model in MODELS:
+        for mode in ("targeted", "untargeted"):
+            recs = _summary(run, model, mode)
+            assert recs and all(r["radius"] == RADIUS for r in recs)
+            # The L2 bound is capped at the radius the samples were drawn in.
+            assert all(r["norms"]["L2"]["cap"] == RADIUS for r in recs)
+        assert f"_R{RADIUS:g}_" in run["models"][model]["stage1_root"]
+    assert f"--radius {RADIUS:g}" in open(os.path.join(pipeline["out"], "tables.md")).read()
+
+
+def test_tables_default_to_the_paper_radius_and_keep_radii_apart():
+    args = rt.parse_args([])
+    assert args.radius == 5.0
+    roots = {rt.stage1_root("s", "digits", "normal", "ab" * 32, rt.parse_args(["-R", r]))
+             for r in ("3", "5", "5.0")}
+    assert len(roots) == 2
 
 
 def test_paper_rows_sit_next_to_ours_for_named_models():
@@ -390,6 +412,7 @@ def test_markdown_table_formats_numbers_and_missing_values():
     (["--models", ","], "--models"),
     (["--models", "normal,normal"], "twice"),
     (["--Niters", "2"], "--Niters"),
+    (["--radius", "0"], "--radius"),
     (["--cw_iterations", "-5"], "--cw_iterations"),
     (["--Nsamps", "ten"], "--Nsamps"),
     (["--bogus"], "--bogus"),
