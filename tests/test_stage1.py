@@ -416,11 +416,13 @@ def _alive(pid):
 
 
 def test_ctrl_c_stops_cleanly(tmp_path, tanh_model_path):
-    proc = _start(["--model_path", tanh_model_path, "-N", "256", "-i", "200", "-n", "3",
+    # Enough work (30 images) that the run is still going when the signal
+    # lands; the signal is sent once the first file is written, so sampling is
+    # under way rather than still loading the model.
+    proc = _start(["--model_path", tanh_model_path, "-N", "256", "-i", "200", "-n", "30",
                    "--sampler", "shm", "-s", str(tmp_path / "out"), "-q", "--no_progress"],
                   tmp_path)
-    _wait_for_line(proc, "[DATAGEN]")
-    time.sleep(1.0)
+    _wait_for_line(proc, "[STATS][L1]")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
