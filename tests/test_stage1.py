@@ -358,9 +358,14 @@ def test_firstimg_beyond_the_test_set(tmp_path, linear_model_path, capsys):
 
 def _start(argv, tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+    # A suite started as a shell's background job (nohup ... &, some CI
+    # runners) inherits SIGINT ignored, and Python keeps it ignored; a user's
+    # Ctrl-C reaches a foreground process with the default disposition, which
+    # is what the tests simulate.
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "collect_gradients.py")] + argv,
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+                            text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_line(proc, prefix, timeout=120):
