@@ -973,7 +973,7 @@ def canonical_command(args: argparse.Namespace) -> str:
     """The command line that reproduces this run, every setting spelled out."""
     return (f"python {PROG} --dataset {args.dataset} --models {','.join(args.model_list)} "
             f"--numimg {args.numimg} --firstimg {args.firstimg} -N {args.Nsamps} "
-            f"-i {args.Niters} --radius {args.radius:g} --seed {args.seed} "
+            f"-i {args.Niters} --radius {args.radius!r} --seed {args.seed} "
             + (f"--cw_iterations {args.cw_iterations} " if args.cw_iterations else "")
             + f"--cw_binary_steps {args.cw_binary_steps} "
             f"--ifgsm_iterations {args.ifgsm_iterations} --ifgsm_loss {args.ifgsm_loss} --out {args.out} --save {args.save} "
