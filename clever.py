@@ -10,10 +10,10 @@ NumPy/SciPy only: this module never imports TensorFlow, directly or not.
 
 Layers, from pure to impure:
 
-* :func:`fit_reverse_weibull` (array in, :class:`FitResult` out),
-  :func:`clever_bound` and :func:`second_order_bound`: the method.
-* :func:`load_stage1_file` (one file in, :class:`StageOneFile` out) and
-  :func:`score_folder` (a folder in, :class:`RunResult` out, no printing):
+* :mod:`weibull_fit` (array in, :class:`FitResult` out), :func:`clever_bound`
+  and :func:`second_order_bound`: the method.
+* :func:`stage2_files.load_stage1_file` (one file in, :class:`StageOneFile`
+  out) and :func:`score_folder` (a folder in, :class:`RunResult` out, no printing):
   what stage-1 tests and notebooks call in-process.
 * :func:`debug_lines`, :func:`stats_lines`, :func:`write_summary`,
   :func:`plot_summary` and :func:`main`: the CLI.
@@ -25,227 +25,25 @@ import concurrent.futures
 import csv
 import enum
 import io
-import json
 import logging
 import math
 import os
 import sys
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 import common
 from common import Norm, ToolError
+from stage2_files import (BOUND_NORMS, FileError, StageOneFile,  # noqa: F401
+                          find_mat_files, is_untargeted_info, load_stage1_file)
+from weibull_fit import (C_INIT, MIN_PVALUE, FitResult, FitStatus, FitTrial, Method,  # noqa: F401
+                         Penalty, fit_reverse_weibull)
 
 log = logging.getLogger("clever.stage2")
 
 PROG = "clever.py"
-
-#: Initial shapes of the Nelder-Mead searches (SPEC section 4, step 2).
-C_INIT: tuple[float, ...] = (0.1, 1.0, 5.0, 10.0, 20.0, 50.0, 100.0)
-
-#: Below this best K-S p-value the fit is rejected (SPEC section 4, step 3).
-MIN_PVALUE = 1e-3
-
-#: Maxima whose spread is below this fraction of their maximum are one value
-#: with float32 rounding noise (stage 1 computes gradients in float32, eps
-#: 1.2e-7): a linear model gives such arrays, and a fit to a few ulps of noise
-#: would only add error to the exact answer, max(S).
-DEGENERATE_RTOL = 1e-6
-
-#: Nelder-Mead tolerances of ``scipy.optimize.fmin``, which the original used.
-_NM_OPTIONS = {"xatol": 1e-4, "fatol": 1e-4, "maxiter": 600, "maxfev": 600}
-
-#: Input dimension of the original tool's datasets, for files without ``dim``.
-_DATASET_DIM = {"mnist": 28 * 28 * 1, "cifar": 32 * 32 * 3}
-
-#: Keys of the data itself; other keys of a file are provenance to pass on.
-_DATA_KEYS = frozenset({"G1_max", "G2_max", "Gi_max", "L1_max", "L2_max", "Li_max",
-                        "H2_max", "g_x0", "g_x0_grad_2_norm", "pred", "id", "true_label",
-                        "target_label", "info", "path"})
-
-#: The bound norms in the order their lines are printed (bnd_norm 1, 2, i).
-BOUND_NORMS: tuple[Norm, ...] = (Norm.L1, Norm.L2, Norm.LINF)
-
-
-class Method(enum.Enum):
-    """How the Lipschitz constant is estimated from the batch maxima."""
-
-    MLE = "mle"
-    MLE_REG = "mle_reg"
-    MAXSAMP = "maxsamp"
-
-
-class FitStatus(enum.Enum):
-    """What :func:`fit_reverse_weibull` did; ``value`` is written to summaries."""
-
-    FIT = "fit"                          # the reverse Weibull location is the estimate
-    MAXSAMP = "maxsamp"                  # method maxsamp: max(S) by request
-    DEGENERATE = "degenerate"            # < 3 distinct values or no spread: max(S), no fit
-    ALL_ZERO = "all_zero"                # every maximum is 0: estimate 0, bound infinite
-    ILL_CONDITIONED = "ill_conditioned"  # best K-S p-value NaN or < MIN_PVALUE: max(S)
-    NO_DATA = "no_finite_samples"        # nothing finite to estimate from: NaN
-
-
-# --------------------------------------------------------------------------
-# The fit (pure)
-# --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FitResult:
-    """Lipschitz estimate from one array S of batch maxima.
-
-    ``estimate`` is in the units of S (a gradient norm): -loc of the fitted
-    reverse Weibull, or max(S) when no fit is used (``fallback`` or method
-    maxsamp). ``shape``, ``loc`` (= -estimate) and ``scale`` are the
-    weibull_min parameters of -S in the units of S; ``ks`` and ``pval`` the
-    one-sample Kolmogorov-Smirnov test of -S against them. Without a fit these
-    four hold -1 and loc = -estimate, as the original tool printed them.
-    """
-
-    estimate: float
-    shape: float
-    loc: float
-    scale: float
-    ks: float
-    pval: float
-    status: FitStatus
-    n_used: int          # finite maxima the estimate is based on
-    n_dropped: int = 0   # non-finite entries removed from S
-    c_init: float = math.nan      # initial shape of the chosen fit
-    best_pval: float = math.nan   # best p-value of all starts (also on fallback)
-
-    @property
-    def fallback(self) -> bool:
-        """True when a fit was asked for but max(S) (or 0) had to be used."""
-        return self.status not in (FitStatus.FIT, FitStatus.MAXSAMP)
-
-
-def _no_fit(estimate: float, status: FitStatus, n_used: int, n_dropped: int,
-            best_pval: float = math.nan) -> FitResult:
-    return FitResult(estimate=estimate, shape=-1.0, loc=-estimate, scale=-1.0, ks=-1.0,
-                     pval=-1.0, status=status, n_used=n_used, n_dropped=n_dropped,
-                     best_pval=best_pval)
-
-
-def _weibull_nll(theta: np.ndarray, x: np.ndarray, x_min: float, shape_reg: float) -> float:
-    """Negative log-likelihood of weibull_min(c, loc, scale) at x, plus shape_reg * c^2.
-
-    Infeasible parameters (c <= 0, scale <= 0, a point at or below loc) give
-    +inf, which Nelder-Mead treats as a worse vertex.
-    """
-    c, loc, scale = theta
-    if not (c > 0.0 and scale > 0.0 and loc < x_min):
-        return math.inf
-    log_z = np.log((x - loc) / scale)
-    nll = (x.size * (math.log(scale) - math.log(c)) - (c - 1.0) * log_z.sum()
-           + np.exp(c * log_z).sum())
-    value = float(nll) + shape_reg * c * c
-    return value if math.isfinite(value) else math.inf
-
-
-def _start(x: np.ndarray, c0: float) -> np.ndarray:
-    """Moment-matching loc and scale for a given shape c0, kept feasible.
-
-    x is -rescaled S: in [0, 1] with min 0. The search needs loc < min(x).
-    """
-    from scipy.special import gammaln
-
-    g1 = math.exp(gammaln(1.0 + 1.0 / c0))
-    var_unit = math.exp(gammaln(1.0 + 2.0 / c0)) - g1 * g1
-    std = float(np.std(x))
-    scale = std / math.sqrt(var_unit) if var_unit > 0 and math.isfinite(var_unit) else std
-    loc = float(np.mean(x)) - scale * g1
-    span = float(x.max() - x.min())
-    if not (math.isfinite(loc) and math.isfinite(scale) and scale > 0 and loc < x.min()):
-        # Moments cannot place a Weibull of this shape below the data (tiny
-        # c0): start just under the smallest point with the data's spread.
-        loc = float(x.min()) - 0.01 * span
-        scale = float(np.mean(x)) - loc
-    return np.array([c0, loc, scale])
-
-
-def weibull_min_mle(x: np.ndarray, c0: float, shape_reg: float = 0.0) -> tuple[float, float, float]:
-    """Maximum-likelihood weibull_min(c, loc, scale) of x by Nelder-Mead from shape c0.
-
-    ``x``: 1-D float array (here -rescaled maxima, so in [0, 1]); ``shape_reg``
-    adds shape_reg * c^2 to the negative log-likelihood (0 is plain MLE).
-    Returns (c, loc, scale) in the units of x.
-    """
-    from scipy.optimize import minimize
-
-    x = np.asarray(x, dtype=np.float64)
-    res = minimize(_weibull_nll, _start(x, c0), args=(x, float(x.min()), shape_reg),
-                   method="Nelder-Mead", options=_NM_OPTIONS)
-    c, loc, scale = (float(v) for v in res.x)
-    return c, loc, scale
-
-
-def fit_reverse_weibull(samples: np.ndarray, method: Method | str = Method.MLE_REG,
-                        shape_reg: float = 0.01) -> FitResult:
-    """Estimate the right end point of the distribution of ``samples`` (SPEC section 4).
-
-    ``samples``: array of N batch maxima of a gradient norm (any shape, flattened;
-    non-finite entries are dropped and counted in ``n_dropped``).
-    ``method``: ``mle_reg`` (default: regularised MLE), ``mle`` or ``maxsamp``.
-    ``shape_reg``: weight of the c^2 penalty of ``mle_reg`` (ignored otherwise).
-
-    Steps: shift = max(S), range = max(S) - min(S); fit weibull_min to
-    -(S - shift) / range from each shape in :data:`C_INIT`; map loc and scale
-    back; K-S test -S against each fit; keep the best p-value; fall back to
-    max(S) if every p-value is NaN or the best is below :data:`MIN_PVALUE`.
-    Arrays with fewer than 3 distinct values or no spread (relative to
-    :data:`DEGENERATE_RTOL`) return max(S) exactly, with no fit.
-
-    The penalty is on the shape c, as SPEC section 4 states. The original
-    tool's regulariser read theta[2], which in SciPy's (c, loc, scale) order is
-    the scale, so its ``mle_reg`` numbers can differ slightly from these
-    (``mle`` and ``maxsamp`` are unaffected).
-    """
-    method = Method(method)
-    s = np.asarray(samples, dtype=np.float64).ravel()
-    finite = np.isfinite(s)
-    n_dropped = int(s.size - np.count_nonzero(finite))
-    s = s[finite]
-    if s.size == 0:
-        return _no_fit(math.nan, FitStatus.NO_DATA, 0, n_dropped)
-    shift = float(s.max())
-    if method is Method.MAXSAMP:
-        status = FitStatus.ALL_ZERO if shift == 0.0 and s.min() == 0.0 else FitStatus.MAXSAMP
-        return _no_fit(shift, status, s.size, n_dropped)
-    spread = shift - float(s.min())
-    if spread == 0.0 and shift == 0.0:
-        return _no_fit(0.0, FitStatus.ALL_ZERO, s.size, n_dropped)
-    if spread <= DEGENERATE_RTOL * abs(shift) or np.unique(s).size < 3:
-        return _no_fit(shift, FitStatus.DEGENERATE, s.size, n_dropped)
-
-    from scipy.stats import kstest
-
-    shape_reg = float(shape_reg) if method is Method.MLE_REG else 0.0
-    x = (shift - s) / spread  # -rescaled S: in [0, 1], 0 at the sample maximum
-    best: tuple | None = None
-    best_p = math.nan
-    # SciPy warns about log(0), overflow in z**c and K-S of extreme shapes
-    # while the search explores; those trials simply lose on p-value.
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for c0 in C_INIT:
-            c, loc_r, scale_r = weibull_min_mle(x, c0, shape_reg)
-            loc = -shift + loc_r * spread
-            scale = scale_r * spread
-            ks, pval = kstest(-s, "weibull_min", args=(c, loc, scale))
-            ks, pval = float(ks), float(pval)
-            if not math.isnan(pval) and (math.isnan(best_p) or pval > best_p):
-                best_p = pval
-                best = (c, loc, scale, ks, pval, c0)
-    if best is None or best_p < MIN_PVALUE:
-        return _no_fit(shift, FitStatus.ILL_CONDITIONED, s.size, n_dropped, best_p)
-    c, loc, scale, ks, pval, c0 = best
-    return FitResult(estimate=-loc, shape=c, loc=loc, scale=scale, ks=ks, pval=pval,
-                     status=FitStatus.FIT, n_used=s.size, n_dropped=n_dropped,
-                     c_init=c0, best_pval=best_p)
-
 
 # --------------------------------------------------------------------------
 # Scores (pure)
@@ -294,259 +92,6 @@ def cap_for(radius: float, sample_norm: Norm, bound_norm: Norm, dim: int | None)
 
 
 # --------------------------------------------------------------------------
-# Stage-1 files
-# --------------------------------------------------------------------------
-class FileError(ToolError):
-    """A problem with one input file; the run goes on with the other files."""
-
-    def __init__(self, path: str, message: str):
-        super().__init__(f"{path}: {message}")
-        self.path = path
-        self.message = message
-
-
-@dataclass(frozen=True, eq=False)
-class StageOneFile:
-    """One stage-1 file, read and checked (SPEC section 3).
-
-    ``maxima`` maps each BOUND norm p to the array fitted for it (float64,
-    shape (Niters,) or the first --num_samples of it): the batch maxima of the
-    gradient's dual-norm q (``G{q}_max``), of the slope (``L{q}_max`` with
-    --use_slope) or, for order 2, of |H2_max| for p = L2 only. ``keys`` names
-    the stored key of each. ``radius``/``sample_norm``/``dim`` describe the
-    sampling ball (file keys, else the ``args`` struct, else the original
-    defaults, SPEC section 2); ``dim`` is None when unknown.
-    """
-
-    path: str
-    img_id: int
-    true_label: int
-    target_label: int
-    info: str
-    order: int
-    nsamps: int
-    niters: int
-    activation: str
-    g_x0: float
-    grad_norm: float  # ||grad g(x0)||_2 (order 2); NaN for order 1
-    maxima: Mapping[Norm, np.ndarray]
-    keys: Mapping[Norm, str]
-    radius: float
-    sample_norm: Norm
-    dim: int | None
-    provenance: Mapping[str, object] = field(default_factory=dict)
-
-    @property
-    def untargeted(self) -> bool:
-        return is_untargeted_info(self.info)
-
-    def sort_key(self) -> tuple:
-        """The original's order (image id, then info), then target and path."""
-        return (self.img_id, self.info, self.target_label, self.path)
-
-
-def is_untargeted_info(info: str) -> bool:
-    """True for the ``class<j>`` infos of an untargeted (all classes) run."""
-    prefix = common.TargetKind.ALL.value
-    return info.startswith(prefix) and info[len(prefix):].isdigit()
-
-
-def _plain(value):
-    """A loadmat (simplify_cells) value as a JSON-friendly Python value."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        if value.dtype.kind in "US":
-            return [str(v) for v in value.ravel()] if value.size != 1 else str(value.ravel()[0])
-        if value.dtype == object:
-            return [_plain(v) for v in value.ravel()]
-        if value.size == 1:
-            return value.ravel()[0].item()
-        return value.tolist() if value.size <= 64 else f"<array shape {value.shape}>"
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _text(value) -> str:
-    """A MATLAB string (str, array of str, 1-element cell) as a Python str."""
-    value = _plain(value)
-    if isinstance(value, list):
-        if len(value) != 1:
-            raise ValueError(f"expected one string, got {len(value)} values")
-        value = value[0]
-    if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {type(value).__name__}")
-    return value.strip()
-
-
-def _scalar(value) -> float:
-    arr = np.asarray(value, dtype=np.float64).ravel()
-    if arr.size != 1:
-        raise ValueError(f"expected a scalar, got {arr.size} values")
-    return float(arr[0])
-
-
-def _integer(value) -> int:
-    number = _scalar(value)
-    if not number.is_integer():
-        raise ValueError(f"expected an integer, got {number}")
-    return int(number)
-
-
-def _key(mat: Mapping, key: str, convert):
-    """``convert(mat[key])``; KeyError if absent, ValueError naming the key if malformed."""
-    if key not in mat:
-        raise KeyError(key)
-    try:
-        return convert(mat[key])
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"key {key!r}: {err}") from None
-
-
-def _args_dict(mat: Mapping) -> dict:
-    """The run's arguments: a struct (original tool), a dict or a JSON string."""
-    raw = mat.get("args")
-    if raw is None:
-        return {}
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except ValueError:
-            return {}
-    plain = _plain(raw)
-    return plain if isinstance(plain, dict) else {}
-
-
-def _sampling_ball(mat: Mapping, args: Mapping) -> tuple[float, Norm, int | None]:
-    """Radius, norm and input dimension of the sampling ball of a file."""
-    def lookup(name, convert, default):
-        source = mat if name in mat else args
-        return _key(source, name, convert) if name in source else default
-
-    norm_name = lookup("sample_norm", lambda v: _text(v).lower(), "l2")
-    if norm_name not in common.SAMPLE_NORMS:
-        raise ValueError(f"key 'sample_norm': unknown norm {norm_name!r} (l2, li or l1)")
-    radius = lookup("radius", _scalar, common.DEFAULT_RADIUS[norm_name])
-    dataset = lookup("dataset", lambda v: _text(v).lower(), "")
-    dim = lookup("dim", _integer, _DATASET_DIM.get(dataset))
-    return radius, common.SAMPLE_NORMS[norm_name], dim
-
-
-def _maxima(mat: Mapping, key: str, num_samples: int) -> np.ndarray:
-    arr = _key(mat, key, lambda v: np.atleast_1d(np.asarray(v, dtype=np.float64)).ravel())
-    if arr.size == 0:
-        raise ValueError(f"{key} is empty")
-    if num_samples:
-        if num_samples > arr.size:
-            raise ValueError(f"{key} has {arr.size} maxima, fewer than --num_samples "
-                             f"{num_samples}")
-        arr = arr[:num_samples]
-    return arr
-
-
-def load_stage1_file(path: str, *, use_slope: bool = False, num_samples: int = 0,
-                     user_type: str = "") -> StageOneFile:
-    """Read one stage-1 ``.mat`` file of either tool; raise :class:`FileError` if unusable.
-
-    ``use_slope`` fits ``L*_max`` (SLOPE baseline) instead of ``G*_max``;
-    ``num_samples`` > 0 keeps the first N maxima; ``user_type`` renames the
-    info ``user`` (the original's --user_type, used for ImageNet runs whose
-    targets came from a list).
-    """
-    import scipy.io
-
-    try:
-        name = common.MatName.parse(path)
-    except ToolError:
-        name = None
-    try:
-        mat = scipy.io.loadmat(path, simplify_cells=True)
-    except Exception as err:  # noqa: BLE001 - any reader failure means a bad file
-        raise FileError(path, f"cannot read the .mat file ({type(err).__name__}: {err})") from None
-
-    try:
-        key_order = 2 if "H2_max" in mat else 1 if "G2_max" in mat or "L2_max" in mat else None
-        if key_order is None:
-            raise KeyError("G2_max")
-        order = name.order if name is not None else key_order
-        if order != key_order:
-            raise ValueError(f"the file name says order {order} but the file holds order-"
-                             f"{key_order} data ({'H2_max' if key_order == 2 else 'G2_max'})")
-
-        maxima: dict[Norm, np.ndarray] = {}
-        keys: dict[Norm, str] = {}
-        if order == 1:
-            for norm in BOUND_NORMS:
-                grad = common.dual_norm(norm)
-                keys[norm] = grad.slope_key if use_slope else grad.grad_key
-                maxima[norm] = _maxima(mat, keys[norm], num_samples)
-            grad_norm = math.nan
-        elif order == 2:
-            if use_slope:
-                raise ValueError("--use_slope needs order-1 files (L1_max, L2_max, Li_max)")
-            keys[Norm.L2] = "H2_max"
-            # The original stored H2_max without abs for some runs; only the
-            # magnitude of the negative curvature enters the bound.
-            maxima[Norm.L2] = np.abs(_maxima(mat, "H2_max", num_samples))
-            grad_norm = _key(mat, "g_x0_grad_2_norm", _scalar)
-        else:
-            raise ValueError(f"order {order} is not supported (1 or 2)")
-
-        g_x0 = _key(mat, "g_x0", _scalar)
-        if not (math.isfinite(g_x0) and (order == 1 or math.isfinite(grad_norm))):
-            raise ValueError(f"g_x0 = {g_x0}" + ("" if order == 1 else
-                             f", g_x0_grad_2_norm = {grad_norm}") + ": not finite")
-
-        def field_or_name(key, attr, convert):
-            if key in mat or name is None:
-                return _key(mat, key, convert)
-            return getattr(name, attr)
-
-        img_id = field_or_name("id", "img_id", _integer)
-        true_label = field_or_name("true_label", "true_label", _integer)
-        target_label = field_or_name("target_label", "target_label", _integer)
-        info = field_or_name("info", "info", _text)
-        if user_type and info == common.TargetKind.USER.value:
-            info = user_type
-        args = _args_dict(mat)
-        radius, sample_norm, dim = _sampling_ball(mat, args)
-        nsamps = name.nsamps if name is not None else int(args.get("Nsamps", 0) or 0)
-        niters = name.niters if name is not None else int(next(iter(maxima.values())).size)
-        activation = name.activation if name is not None else ""
-    except KeyError as err:
-        raise FileError(path, f"lacks the key {err.args[0]!r}") from None
-    except (ValueError, TypeError) as err:
-        raise FileError(path, str(err)) from None
-
-    provenance = {k: _plain(v) for k, v in mat.items()
-                  if not k.startswith("__") and k not in _DATA_KEYS}
-    return StageOneFile(path=path, img_id=img_id, true_label=true_label,
-                        target_label=target_label, info=info, order=order, nsamps=nsamps,
-                        niters=niters, activation=activation, g_x0=g_x0, grad_norm=grad_norm,
-                        maxima=maxima, keys=keys, radius=radius, sample_norm=sample_norm,
-                        dim=dim, provenance=provenance)
-
-
-def find_mat_files(folder: str) -> list[str]:
-    """All ``.mat`` files under ``folder`` (recursively), sorted; ToolError if none."""
-    if not os.path.exists(folder):
-        raise ToolError(f"{folder}: no such folder")
-    if not os.path.isdir(folder):
-        raise ToolError(f"{folder}: not a folder")
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        found.extend(os.path.join(root, f) for f in files
-                     if f.endswith(".mat") and not f.startswith(".tmp-"))
-    if not found:
-        raise ToolError(f"{folder}: no .mat files found (searched recursively)")
-    return sorted(found)
-
-
-# --------------------------------------------------------------------------
 # A run over a folder (no printing)
 # --------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -557,6 +102,8 @@ class Options:
     reduce: str = "mean"            # "mean" or "min" (--min)
     method: Method = Method.MLE_REG
     shape_reg: float = 0.01
+    penalize: Penalty = Penalty.SCALE  # the original's theta[2]; --penalize shape for c
+    match: str = ""                 # --match: glob on the file base names
     num_samples: int = 0            # 0: all maxima
     num_images: int = 0             # 0: all images
     user_type: str = ""
@@ -626,6 +173,7 @@ class _FitTask:
     samples: np.ndarray
     method: Method
     shape_reg: float
+    penalize: Penalty
     plot_path: str        # "" for no plot
     plot_label: str
 
@@ -637,7 +185,7 @@ def _run_task(task: _FitTask) -> tuple[int, Norm, FitResult | None, str, str]:
     SciPy failure costs its file, not the run.
     """
     try:
-        fit = fit_reverse_weibull(task.samples, task.method, task.shape_reg)
+        fit = fit_reverse_weibull(task.samples, task.method, task.shape_reg, task.penalize)
     except Exception as err:  # noqa: BLE001 - reported per file by the caller
         return task.index, task.norm, None, f"{type(err).__name__}: {err}", ""
     plot_error = ""
@@ -730,9 +278,14 @@ def _aggregate(files: Sequence[FileScore], options: Options, order: int) -> list
 
 def _select(loaded: list[StageOneFile], options: Options,
             errors: list[tuple[str, str]]) -> tuple[list[StageOneFile], int, list[str]]:
-    """Keep the files of this mode and order, the first --num_images images."""
-    wanted = [f for f in loaded if f.untargeted == options.untargeted]
-    skipped = [f.path for f in loaded if f.untargeted != options.untargeted]
+    """Keep the files of this mode and order, the first --num_images images.
+
+    Untargeted, as the original: every file of an image counts, whatever its
+    info (class<j> files, or the top2/random/least files of run.sh's ``all``).
+    Targeted: the class<j> files of an untargeted run are left out.
+    """
+    wanted = [f for f in loaded if options.untargeted or not f.untargeted]
+    skipped = [f.path for f in loaded if not options.untargeted and f.untargeted]
     orders = [f.order for f in wanted]
     # The run's order is the one most files have (1 on a tie); a file of the
     # other order mixed in is reported, not silently averaged with the rest.
@@ -761,7 +314,7 @@ def score_folder(folder: str, options: Options = Options()) -> RunResult:
     ``options.progress``); with ``options.plot_dir`` writes one PNG per fit.
     """
     method = Method(options.method)
-    paths = find_mat_files(folder)
+    paths = find_mat_files(folder, options.match)
     errors: list[tuple[str, str]] = []
     loaded = []
     for path in paths:
@@ -773,13 +326,10 @@ def score_folder(folder: str, options: Options = Options()) -> RunResult:
             errors.append((err.path, err.message))
     files, order, skipped = _select(loaded, options, errors)
     if skipped:
-        kind = "targeted" if options.untargeted else "untargeted (class<j>)"
-        log.info("skipped %d %s files; %s", len(skipped), kind,
-                 "drop --untargeted for them" if options.untargeted else "use --untargeted")
+        log.info("skipped %d untargeted (class<j>) files; use --untargeted for them",
+                 len(skipped))
     if not files and not errors:
-        hint = ("no untargeted (info class<j>) files; drop --untargeted" if options.untargeted
-                else "only untargeted (info class<j>) files; use --untargeted")
-        raise ToolError(f"{folder}: {hint}")
+        raise ToolError(f"{folder}: only untargeted (info class<j>) files; use --untargeted")
 
     if options.plot_dir:
         os.makedirs(options.plot_dir, exist_ok=True)
@@ -792,7 +342,7 @@ def score_folder(folder: str, options: Options = Options()) -> RunResult:
             label = (f"id {f.img_id}, {f.info}, target {f.target_label}: "
                      f"{f.keys[norm]} for the {norm.label} bound")
             tasks.append(_FitTask(index, norm, samples, method, options.shape_reg,
-                                  plot_path, label))
+                                  Penalty(options.penalize), plot_path, label))
     fits: dict[tuple[int, Norm], FitResult | str] = {}
     for index, norm, fit, fit_error, plot_error in _execute(tasks, options.nthreads,
                                                             options.progress):
@@ -859,21 +409,45 @@ def _log_fit(f: StageOneFile, norm: Norm, fit: FitResult) -> None:
 # --------------------------------------------------------------------------
 # Printed lines (the format of SPEC section 4)
 # --------------------------------------------------------------------------
-def debug_lines(result: RunResult) -> list[str]:
-    """``[DEBUG][L1]`` lines: one per file and bound norm, in the original's order."""
+def trial_lines(fit: FitResult) -> list[str]:
+    """The original's ``[DEBUG][L2]`` lines: the fit from each initial shape."""
+    return [f"[DEBUG][L2] c_init = {t.c_init:5.5g}, fitted c = {t.c:6.2f}, loc = {t.loc:7.2f}, "
+            f"scale = {t.scale:7.2f}, ks = {t.ks:4.2f}, pVal = {t.pval:4.2f}, "
+            f"max = {fit.maximum:7.2f}" for t in fit.trials]
+
+
+#: The original fitted G1, G2, Gi in this order, i.e. the bounds Li, L2, L1.
+_FIT_ORDER: tuple[Norm, ...] = (Norm.LINF, Norm.L2, Norm.L1)
+
+
+def debug_lines(result: RunResult, trials: bool = False) -> list[str]:
+    """``[DEBUG][L1]`` lines: one per file and bound norm, in the original's order.
+
+    ``trials``: precede each file's lines by its ``[DEBUG][L2]`` lines (``-v``),
+    in the original's fitting order. Method maxsamp ends a line at ``bnd``, as
+    the original; g_x0 is printed as the original printed the stored value.
+    """
     lines = []
+    maxsamp = result.options.method is Method.MAXSAMP
     for fs in result.files:
         f = fs.file
+        if trials:
+            for norm in _FIT_ORDER:
+                if norm in fs.scores:
+                    lines.extend(trial_lines(fs.scores[norm].fit))
         for norm in BOUND_NORMS:
             if norm not in fs.scores:
                 continue
             s = fs.scores[norm]
-            lines.append(
-                f"[DEBUG][L1] id = {f.img_id}, true_label = {f.true_label}, "
-                f"target_label = {f.target_label}, info = {f.info}, nsamps = {f.nsamps}, "
-                f"niters = {f.niters}, bnd_norm = {norm.value}, bnd = {result.reported(s):.5g}, "
-                f"ks = {s.fit.ks:.5g}, pVal = {s.fit.pval:.5g}, shape = {s.fit.shape:.5g}, "
-                f"loc = {s.fit.loc:.5g}, scale = {s.fit.scale:.5g}, g_x0 = {f.g_x0:.5g}")
+            line = (f"[DEBUG][L1] id = {f.img_id}, true_label = {f.true_label}, "
+                    f"target_label = {f.target_label}, info = {f.info}, nsamps = {f.nsamps}, "
+                    f"niters = {f.niters}, bnd_norm = {norm.value}, "
+                    f"bnd = {result.reported(s):.5g}")
+            if not maxsamp:
+                line += (f", ks = {s.fit.ks:.5g}, pVal = {s.fit.pval:.5g}, "
+                         f"shape = {s.fit.shape:.5g}, loc = {s.fit.loc:.5g}, "
+                         f"scale = {s.fit.scale:.5g}, g_x0 = {f.g_x0_text or repr(f.g_x0)}")
+            lines.append(line)
     return lines
 
 
@@ -926,7 +500,8 @@ def file_records(result: RunResult) -> list[dict]:
         records.append({
             "path": f.path, "id": f.img_id, "true_label": f.true_label,
             "target_label": f.target_label, "info": f.info, "order": f.order,
-            "nsamps": f.nsamps, "niters": f.niters, "g_x0": f.g_x0,
+            "nsamps": f.nsamps, "niters": f.niters, "niters_used": f.niters_used,
+            "g_x0": f.g_x0,
             "g_x0_grad_2_norm": None if f.order == 1 else f.grad_norm,
             "radius": f.radius, "sample_norm": f.sample_norm.label.lower(), "dim": f.dim,
             "norms": {n.label: _norm_record(fs.scores[n]) for n in BOUND_NORMS
@@ -969,14 +544,15 @@ def write_summary(result: RunResult, path: str, args: Mapping | None = None) -> 
 
     stem, _ = os.path.splitext(path)
     csv_path = stem + ".csv"
-    header = ["path", "id", "true_label", "target_label", "info", "order", "nsamps", "niters",
-              "g_x0", "g_x0_grad_2_norm", "radius", "sample_norm", "dim"]
-    header += [f"{n.label}_{k}" for n in BOUND_NORMS for k in _NORM_FIELDS]
+    file_fields = ["path", "id", "true_label", "target_label", "info", "order", "nsamps",
+                   "niters", "niters_used", "g_x0", "g_x0_grad_2_norm", "radius",
+                   "sample_norm", "dim"]
+    header = file_fields + [f"{n.label}_{k}" for n in BOUND_NORMS for k in _NORM_FIELDS]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     for rec in file_records(result):
-        row = [rec[k] for k in header[:13]]
+        row = [rec[k] for k in file_fields]
         for n in BOUND_NORMS:
             norm_rec = rec["norms"].get(n.label, {})
             row += [norm_rec.get(k, "") for k in _NORM_FIELDS]
@@ -1079,7 +655,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--num_images", type=int, default=0,
                         help="use only the first N image ids, in sorted order (0: all)")
     parser.add_argument("--shape_reg", type=float, default=0.01,
-                        help="weight of the shape penalty c^2 of --method mle_reg")
+                        help="weight of the --method mle_reg penalty shape_reg * p^2 on the "
+                             "parameter --penalize")
+    parser.add_argument("--penalize", choices=[p.value for p in Penalty], default="scale",
+                        help="parameter of the rescaled fit that mle_reg penalises: scale "
+                             "(the original tool's theta[2], its numbers and the paper's) or "
+                             "shape (the shape c, as the original's comment intended; lower "
+                             "Lipschitz estimates)")
+    parser.add_argument("--match", default="", metavar="GLOB",
+                        help="only files whose base name matches this glob, e.g. "
+                             "'1024_500_*_relu_order1.mat' (empty: all)")
     parser.add_argument("--nthreads", type=int, default=os.cpu_count() or 1,
                         help="worker processes for the fits (1: serial; 0: all cores)")
     parser.add_argument("--plot_dir", default="",
@@ -1100,7 +685,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="write a JSON summary here and a CSV of the per-file records "
                              "next to it")
     parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more diagnostics on stderr (-vv for debug)")
+                        help="more diagnostics on stderr and the original's [DEBUG][L2] "
+                             "lines (the fit from each initial shape) on stdout; -vv for debug")
     args = parser.parse_args(list(argv))
     common.check_positive("--num_samples", args.num_samples, allow_zero=True)
     common.check_positive("--num_images", args.num_images, allow_zero=True)
@@ -1117,6 +703,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def options_from_args(args: argparse.Namespace) -> Options:
     return Options(untargeted=args.untargeted, reduce="min" if args.min else "mean",
                    method=Method(args.method), shape_reg=args.shape_reg,
+                   penalize=Penalty(args.penalize), match=args.match,
                    num_samples=args.num_samples, num_images=args.num_images,
                    user_type=args.user_type, use_slope=args.use_slope,
                    radius_cap=not args.no_radius_cap, nthreads=args.nthreads,
@@ -1127,7 +714,7 @@ def main(args: argparse.Namespace) -> int:
     """Score ``args.data_folder``; print the statistics; 1 if any file failed."""
     common.setup_logging(args.verbose)
     result = score_folder(args.data_folder, options_from_args(args))
-    for line in debug_lines(result) + stats_lines(result):
+    for line in debug_lines(result, trials=args.verbose > 0) + stats_lines(result):
         print(line)
     sys.stdout.flush()
     if args.plot_dir and result.files:

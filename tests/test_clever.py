@@ -32,6 +32,11 @@ DEBUG_RE = re.compile(
     rf"niters = (?P<niters>\d+), bnd_norm = (?P<norm>[12i]), bnd = (?P<bnd>{NUM}), "
     rf"ks = (?P<ks>{NUM}), pVal = (?P<pval>{NUM}), shape = (?P<shape>{NUM}), "
     rf"loc = (?P<loc>{NUM}), scale = (?P<scale>{NUM}), g_x0 = (?P<g>{NUM})$")
+#: Method maxsamp: the original's line ends at the bound.
+MAXSAMP_RE = re.compile(
+    rf"^\[DEBUG\]\[L1\] id = (?P<id>\d+), true_label = (?P<true>\d+), "
+    rf"target_label = (?P<target>\d+), info = (?P<info>\w+), nsamps = (?P<nsamps>\d+), "
+    rf"niters = (?P<niters>\d+), bnd_norm = (?P<norm>[12i]), bnd = (?P<bnd>{NUM})$")
 STATS_L0_RE = re.compile(
     rf"^\[STATS\]\[L0\] info = (?P<info>\w+), (?P=info)_clever_L1 = (?P<L1>{NUM}), "
     rf"(?P=info)_clever_L2 = (?P<L2>{NUM}), (?P=info)_clever_Li = (?P<Li>{NUM})$")
@@ -102,6 +107,8 @@ def run_script(argv, cwd):
 # of L is a few standard errors; with c = 4.1 and scale / L = 0.23 (the SPEC's
 # example line) no estimator gets within 2% that often (an MLE started at the
 # true parameters with tight tolerances does no better: about 70% at n = 500).
+# The original's procedure (fmin's loose tolerances, the scale penalty) gets
+# 34 to 40 of 40 draws within 2% on these cases, median error well under 1%.
 RECOVERY = [
     (1.0, 1.0, 0.5, 300),
     (1.5, 2.0, 0.5, 100),
@@ -118,13 +125,16 @@ DRAWS = 40
 @pytest.mark.parametrize("shape,loc,scale,n", RECOVERY)
 def test_recovers_reverse_weibull_location(shape, loc, scale, n):
     close = good_p = 0
+    errors = []
     for draw in range(DRAWS):
         rng = np.random.default_rng([draw, int(shape * 10), n, int(scale * 100)])
         samples = reverse_weibull(loc, shape, scale, n, rng)
         fit = clever.fit_reverse_weibull(samples)
         close += abs(fit.estimate - loc) <= 0.02 * loc
+        errors.append(abs(fit.estimate - loc) / loc)
         good_p += fit.pval > 0.05
-    assert close >= 0.95 * DRAWS, f"{close}/{DRAWS} estimates within 2% of {loc}"
+    assert close >= 0.8 * DRAWS, f"{close}/{DRAWS} estimates within 2% of {loc}"
+    assert np.median(errors) < 0.01, f"median relative error {np.median(errors):.3g}"
     assert good_p >= 0.90 * DRAWS, f"{good_p}/{DRAWS} K-S p-values above 0.05"
 
 
@@ -229,17 +239,27 @@ def test_mle_and_mle_reg():
     assert clever.fit_reverse_weibull(samples, "mle_reg", shape_reg=0.0) == mle
     # The default penalty barely moves a well-conditioned fit...
     assert reg.estimate == pytest.approx(mle.estimate, rel=0.01)
-    # ...a heavy one pulls the shape down (the penalty is on c, SPEC section 4).
+    # ...a heavy one pulls the penalised parameter of the rescaled fit down: the
+    # scale by default (the original's theta[2], SPEC section 4), c with "shape".
     heavy = clever.fit_reverse_weibull(samples, "mle_reg", shape_reg=3.0)
-    assert heavy.shape < 0.8 * mle.shape
+    assert heavy.scale < 0.95 * mle.scale
+    heavy_c = clever.fit_reverse_weibull(samples, "mle_reg", shape_reg=3.0, penalize="shape")
+    assert heavy_c.shape < 0.8 * mle.shape
 
 
-def test_weibull_min_mle_matches_scipy_on_plain_data():
-    x = weibull_min.rvs(2.5, loc=-0.3, scale=0.8, size=400, random_state=6)
-    ours = clever.weibull_min_mle(x, 5.0)
-    nll = weibull_min.nnlf(ours, x)
-    scipy_fit = weibull_min.fit(x, 5.0)
-    assert nll <= weibull_min.nnlf(scipy_fit, x) + 1e-3
+def test_mle_is_scipys_fit_with_fmin():
+    """Plain mle is weibull_min.fit with scipy.optimize.fmin, as the original's mle."""
+    import scipy.optimize
+
+    import weibull_fit
+
+    assert weibull_fit.nelder_mead(0.0, 2) is scipy.optimize.fmin
+    s = reverse_weibull(2.0, 3.0, 0.4, 300, np.random.default_rng(6))
+    shift, spread = s.max(), s.max() - s.min()
+    c, loc, scale = weibull_min.fit(-(s - shift) / spread, 5.0, optimizer=scipy.optimize.fmin)
+    trial = next(t for t in clever.fit_reverse_weibull(s, "mle").trials if t.c_init == 5.0)
+    assert (trial.c, trial.loc, trial.scale) == pytest.approx(
+        (c, -shift + loc * spread, scale * spread), rel=1e-12)
 
 
 # --------------------------------------------------------------------------
@@ -328,7 +348,9 @@ def test_untargeted_minimum_per_image(tmp_path, capsys):
             if j != true:
                 write_stage1(str(data), img, j, f"class{j}", true_label=true, niters=60,
                              g_x0=0.5 + 0.2 * j)
-    write_stage1(str(data), 4, 2, "top2", true_label=1, niters=60, g_x0=0.01)  # not untargeted
+    # Untargeted takes every file of an image, as the original (run.sh's "all"
+    # collects top2, random and least files): this one sets image 4's minimum.
+    write_stage1(str(data), 4, 2, "top2", true_label=1, niters=60, g_x0=0.01)
     summary = tmp_path / "s.json"
     status, lines, _ = run_main([str(data), "--untargeted", "--nthreads", "1",
                                  "--summary", str(summary)], capsys)
@@ -338,9 +360,9 @@ def test_untargeted_minimum_per_image(tmp_path, capsys):
     assert len(per_image) == 2 and all(per_image) and len(overall) == 1 and overall[0]
     assert overall[0]["info"] == "untargeted"
     assert [m["image"] for m in per_image] == ["  4", " 11"]
-    assert [m["n"] for m in per_image] == [" 10", " 10"]
+    assert [m["n"] for m in per_image] == [" 11", " 10"]
     records = _summary(summary)["records"]
-    assert len(records) == 18 and all(r["info"].startswith("class") for r in records)
+    assert len(records) == 19 and sum(r["info"] == "top2" for r in records) == 1
     mins = {}
     for m in per_image:
         img = int(m["image"])
@@ -653,7 +675,7 @@ def test_nan_arrays_and_margins_fail_their_file(tmp_path, capsys):
     assert any(all_nan in e and "no finite values" in e for e in errors)
     assert any(nan_margin in e and "not finite" in e for e in errors)
     assert any(vector_margin in e and "'g_x0'" in e and "3 values" in e for e in errors)
-    debug = [DEBUG_RE.match(line) for line in lines if line.startswith("[DEBUG]")]
+    debug = [MAXSAMP_RE.match(line) for line in lines if line.startswith("[DEBUG]")]
     assert {m["id"] for m in debug} == {"0"} and good
 
 
