@@ -14,7 +14,6 @@ again. Stage 2 is ``clever.py <save>/<dataset>_<model>``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -24,13 +23,14 @@ import time
 import numpy as np
 
 import common
-from common import (DEFAULT_RADIUS, DEFAULT_TARGET_TYPE, SAMPLE_NORMS, MatName, ToolError,
-                    check_positive)
+import converge
+from common import DEFAULT_RADIUS, DEFAULT_TARGET_TYPE, SAMPLE_NORMS, ToolError, check_positive
 
 log = logging.getLogger("clever.collect")
 
 DATASETS = ("digits", "mnist", "cifar", "imagenet")
 SAMPLERS = ("tf", "shm")
+PRECISIONS = ("float32", "tf32", "mixed_float16")
 #: Model batch size of the original tool per dataset.
 DEFAULT_BATCH = {"imagenet": 32}
 DEFAULT_BATCH_OTHER = 1024
@@ -61,18 +61,23 @@ def parse_args(argv):
     g.add_argument("--input_size", type=int, default=None,
                    help="ImageNet: build the zoo model for this image size instead of its own")
     g = p.add_argument_group("images and targets")
-    g.add_argument("-n", "--numimg", type=int, default=10, help="number of images to examine")
+    g.add_argument("-n", "--numimg", type=int, default=1, help="number of images to examine")
     g.add_argument("-f", "--firstimg", type=int, default=0, help="index of the first image")
     g.add_argument("--ids", default="",
-                   help="CSV of image ids, one per row, each optionally followed by target "
-                        "classes (id[,target,...]); --firstimg/--numimg then slice this list")
+                   help="file of image ids: the original's tab-separated file with a header "
+                        "row (columns id and, for user targets, target), or a CSV of "
+                        "id[,target,...] rows; --firstimg/--numimg then slice this list")
     g.add_argument("--target_type", type=lambda s: int(s, 0), default=DEFAULT_TARGET_TYPE,
                    help="bit mask of the original tool: 1 top2, 2 random, 4 least, "
                         "8 user (--ids), 16 all classes (untargeted)")
     g.add_argument("--targets", default=None,
                    help="readable form of --target_type: comma list of top2,random,least,"
                         "user,all (overrides --target_type)")
+    g.add_argument("--fix_dirty_bug", action="store_true",
+                   help="accepted for the original's command lines; does nothing (the original "
+                        "marked it unsupported)")
     g = p.add_argument_group("sampling")
+    converge.add_arguments(g)
     g.add_argument("-N", "--Nsamps", type=int, default=1024, help="samples per batch (N_s)")
     g.add_argument("-i", "--Niters", type=int, default=500, help="number of batches (N_b)")
     g.add_argument("--sample_norm", choices=tuple(SAMPLE_NORMS), default="l2",
@@ -93,8 +98,9 @@ def parse_args(argv):
                         "defend_png, defend_none")
     g.add_argument("--order", type=int, choices=(1, 2), default=1,
                    help="1: gradient norms; 2: second-order CLEVER (curvature)")
-    g.add_argument("--power_iters", type=int, default=20,
-                   help="power-iteration steps per curvature estimate (--order 2)")
+    g.add_argument("--power_iters", type=int, default=500,
+                   help="maximum power-iteration steps; stops when the estimate changes by less "
+                        "than 1e-3 (--order 2)")
     g.add_argument("--force_order2", action="store_true",
                    help="run --order 2 on a model with ReLU-like activations, whose Hessian "
                         "is zero almost everywhere")
@@ -103,6 +109,11 @@ def parse_args(argv):
     g.add_argument("-b", "--batch_size", type=int, default=0,
                    help="model batch size (0: 1024, or 32 for imagenet)")
     g.add_argument("--seed", type=int, default=1215, help="random seed")
+    g.add_argument("--precision", choices=PRECISIONS, default="float32",
+                   help="arithmetic of the model's gradients: float32 (TensorFloat-32 off), tf32 "
+                        "or mixed_float16 (faster on GPUs, less exact)")
+    g.add_argument("--jit_compile", action="store_true",
+                   help="compile the gradient computation with XLA")
     g = p.add_argument_group("output")
     g.add_argument("-s", "--save", default="./lipschitz_mat", help="results folder")
     g.add_argument("--overwrite", action="store_true", help="recompute existing result files")
@@ -128,6 +139,7 @@ def _validate(args) -> None:
     if args.compute_slope and args.Nsamps < 2:
         raise ToolError("--compute_slope needs --Nsamps of at least 2 (pairs of samples)")
     check_positive("--power_iters", args.power_iters)
+    converge.rule_from_args(args)  # a bad --converge/--min_iters/--check_every fails here
     if args.order == 2 and args.compute_slope:
         raise ToolError("--compute_slope applies to --order 1 only")
     args.kinds = (common.target_kinds_from_names(args.targets) if args.targets
@@ -185,44 +197,6 @@ def _image_ids(args, num_test: int):
     return ids, user_targets
 
 
-def _spec_keys(args, task, target, result, logits0, path, grad_x0_norm=None):
-    """The keys of SPEC section 3 for one (image, target), first or second order."""
-    keys = {"g_x0": np.float64(result.g_x0), "pred": logits0.astype(np.float32)[None, :],
-            "id": task.img_id, "true_label": task.true_label, "target_label": target.label,
-            "info": target.info, "args": _run_args(args), "path": path}
-    if args.order == 2:
-        keys.update(H2_max=result.grad_max[:, 0], g_x0_grad_2_norm=np.float64(grad_x0_norm))
-    else:
-        keys.update(G1_max=result.grad_max[:, 0], G2_max=result.grad_max[:, 1],
-                    Gi_max=result.grad_max[:, 2], L1_max=result.slope_max[:, 0],
-                    L2_max=result.slope_max[:, 1], Li_max=result.slope_max[:, 2])
-    return keys
-
-
-def _run_args(args) -> dict:
-    """The run's arguments as a MATLAB-storable dict (None becomes '')."""
-    out = {k: ("" if v is None else v) for k, v in vars(args).items() if k != "kinds"}
-    out["targets_resolved"] = ",".join(k.name.lower() for k in args.kinds)
-    return out
-
-
-def _provenance_keys(args, result, model_name, dim, radius, versions) -> dict:
-    """Keys this toolkit adds: what is needed to reproduce a file and to cap its bound."""
-    return {
-        "radius": float(radius), "sample_norm": args.sample_norm,
-        "uniform_ball": int(args.uniform_ball), "sampler": args.sampler, "seed": args.seed,
-        "Nsamps": args.Nsamps, "Niters": args.Niters, "batch_size": args.batch_size,
-        "dim": dim, "order": args.order, "transform": args.transform,
-        "dataset": args.dataset, "model_name": model_name,
-        "nan_batches": result.nan_batches, "zero_batches": result.zero_batches,
-        "nan_samples": result.nan_samples, "zero_samples": result.zero_samples,
-        "tool_version": versions.get("tool", ""), "tf_version": versions.get("tensorflow", ""),
-        "keras_version": versions.get("keras", ""), "numpy_version": versions.get("numpy", ""),
-        "provenance": json.dumps(common.provenance(_run_args(args), model_name=model_name,
-                                                   radius=radius)),
-    }
-
-
 #: Activations whose second derivative is zero almost everywhere.
 _PIECEWISE_LINEAR = ("relu", "brelu", "leaky_relu", "relu6", "hard_sigmoid", "hard_tanh")
 
@@ -241,13 +215,66 @@ def piecewise_linear_layers(model) -> list[str]:
 def _iteration_line(st, k: int, target_label: int, elapsed: float) -> str:
     """The original's per-iteration ``[STATS][L2]`` line for target ``k`` of ``st``.
 
-    Order 1 reports the gradient norms (G2, G1, Ginf), order 2 the curvature H2.
+    Order 1 reports the gradient norms (G2, G1, Ginf), preceded by the SLOPE
+    maxima (L2, L1, Linf) with --compute_slope; order 2 the curvature H2.
+    ``target_class`` at the end is this toolkit's (all targets share a loop).
     """
     g = st.grad_max[k]
-    values = (f"H2 = {g[0]:.5g}" if len(g) == 1
-              else f"G2 = {g[1]:.5g}, G1 = {g[0]:.5g}, Ginf = {g[2]:.5g}")
+    if len(g) == 1:
+        values = f"H2 = {g[0]:.5g}"
+    else:
+        values = f"G2 = {g[1]:.5g}, G1 = {g[0]:.5g}, Ginf = {g[2]:.5g}"
+        if st.slope_max is not None:
+            s = st.slope_max[k]
+            values = f"L2 = {s[1]:.5g}, L1 = {s[0]:.5g}, Linf = {s[2]:.5g}, " + values
     return (f"[STATS][L2] loop = {st.iteration}, time = {elapsed:.5g}, iter_time = "
             f"{st.seconds:.5g}, overhead = {st.wait:.5g}, {values}, target_class = {target_label}")
+
+
+def _summary_lines(result, compute_slope: bool, grad_x0_norm=None) -> list[str]:
+    """The original's per-(image, target) ``[STATS][L1]`` lines after the iterations.
+
+    Order 1: g_x0 and the maxima over iterations, then the bounds g_x0 / max
+    with the dual norms (bnd_G2 from G2, bnd_G1 from Ginf, bnd_Ginf from G1;
+    likewise for the slopes). Order 2 (``grad_x0_norm`` = [L1, L2, Linf] of
+    the gradient at x0): the gradient norms, max |H2| and the second-order bound.
+    """
+    g0 = np.float64(result.g_x0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if grad_x0_norm is not None:
+            g1, g2, gi = (np.float64(v) for v in grad_x0_norm)
+            h = np.float64(np.max(np.abs(result.grad_max[:, 0])))
+            # H = 0 (no curvature): the bound's limit, the first-order g_x0 / ||grad||.
+            bnd = (-g2 + np.sqrt(g2 ** 2 + 2 * g0 * h)) / h if h != 0 else g0 / g2
+            return [f"[STATS][L1] g_x0 = {g0:.5g}, g_x0_grad_2_norm = {g2:.5g}, g_x0_grad_1_norm = "
+                    f"{g1:.5g}, g_x0_grad_inf_norm = {gi:.5g}, H2_max = {h:.5g}",
+                    f"[STATS][L1] bnd_H2_max = {bnd:.5g}"]
+        G1, G2, Gi = (np.float64(np.max(result.grad_max[:, c])) for c in range(3))
+        L1, L2, Li = (np.float64(np.max(result.slope_max[:, c])) for c in range(3))
+        lines = [f"[STATS][L1] g_x0 = {g0:.5g}, L2_max = {L2:.5g}, L1_max = {L1:.5g}, Linf_max = "
+                 f"{Li:.5g}, G2_max = {G2:.5g}, G1_max = {G1:.5g}, Ginf_max = {Gi:.5g}"]
+        grad_bnd = (f"bnd_G2_max = {g0 / G2:.5g}, bnd_G1_max = {g0 / Gi:.5g}, "
+                    f"bnd_Ginf_max = {g0 / G1:.5g}")
+        if compute_slope:
+            lines.append(f"[STATS][L1] bnd_L2_max = {g0 / L2:.5g}, bnd_L1_max = {g0 / Li:.5g}, "
+                         f"bnd_Linf_max = {g0 / L1:.5g}, " + grad_bnd)
+        else:
+            lines.append("[STATS][L1] " + grad_bnd)
+    return lines
+
+
+def _estimator_options(args, estimator_class) -> dict:
+    """Keyword arguments of GradientNormEstimator, those its constructor takes."""
+    wanted = {"compute_slope": args.compute_slope, "order": args.order,
+              "power_iters": args.power_iters, "precision": args.precision,
+              "jit_compile": args.jit_compile}
+    import inspect
+
+    accepted = inspect.signature(estimator_class).parameters
+    missing = [k for k in wanted if k not in accepted]
+    if "precision" in missing and args.precision != "float32":
+        raise ToolError(f"--precision {args.precision}: not supported by this estimate_gradient_norm.py")
+    return {k: v for k, v in wanted.items() if k in accepted}
 
 
 def _raise_on_sigterm(signum, frame):
@@ -256,15 +283,21 @@ def _raise_on_sigterm(signum, frame):
 
 def main(args) -> int:
     common.setup_logging(args.verbose)
+    # The original printed its argument dict first; scripts that parse logs expect it.
+    print({k: v for k, v in vars(args).items() if k != "kinds"}, flush=True)
+    if args.fix_dirty_bug:
+        log.warning("--fix_dirty_bug is accepted for the original's command lines and does "
+                    "nothing (the original marked it unsupported)")
     from tqdm import tqdm
 
+    import stage1
     import utils
     from randsphere import BallSampler, SamplerPool
 
     sampler = BallSampler.create(args.sample_norm, args.radius, args.uniform_ball)
     common.set_seed(args.seed)  # before building: --weights random is reproducible
     model, test_data, test_labels, model_name, label_offset = _load(args)
-    from estimate_gradient_norm import GradientNormEstimator, TargetResult
+    from estimate_gradient_norm import GradientNormEstimator
 
     versions = common.versions()
     input_shape = test_data.shape[1:]
@@ -278,51 +311,49 @@ def main(args) -> int:
                             "Hessian is zero almost everywhere. Use a smooth model (e.g. "
                             "--activation tanh) or --force_order2")
     estimator = GradientNormEstimator(model, input_shape, args.batch_size,
-                                      compute_slope=args.compute_slope, order=args.order,
-                                      power_iters=args.power_iters)
+                                      **_estimator_options(args, GradientNormEstimator))
 
     transform = args.transform or None
     clean = test_data[ids]
+    defended = None
     if transform:
         import defense
 
-        clean = defense.apply_transform(transform, clean)  # the model sees T(x0)
-    logits = estimator.logits(clean)
+        from randsphere import transform_rng
+
+        # The defended classifier f(T(x0)) gives g(x0) and the targets; the samples are
+        # drawn around the untransformed x0 (BPDA as the original). A random T (defend_tv)
+        # gets each image's own stream, so T(x0) does not depend on the other images.
+        defended = np.concatenate([
+            defense.apply_transform(transform, clean[k:k + 1],
+                                    rng=transform_rng((args.seed, img_id, -1, 0)))
+            for k, img_id in enumerate(ids)]) if len(ids) else clean
+    logits = estimator.logits(clean if defended is None else defended)
     # A 1001-output model's class 0 is "background": never a target (as the original).
     tasks = utils.generate_data(test_data, test_labels, logits, ids, args.kinds, args.seed,
                                 user_targets, excluded=(0,) if label_offset else (),
-                                label_offset=label_offset)
+                                label_offset=label_offset, evaluated=defended)
     for task in tasks:
         print(utils.datagen_line(task), flush=True)
         if not task.correct:
             log.warning("image %d is misclassified (label %d, predicted %d): skipped",
                         task.img_id, task.true_label, task.predicted)
-    evaluated = {task.img_id: x for task, x in zip(tasks, clean)}  # T(x0) with --transform
 
     out_dir = common.output_dir(args.save, args.dataset, model_name)
     os.makedirs(out_dir, exist_ok=True)
     if common.remove_stale_temp_files(out_dir):
         log.warning("removed temporary files of an earlier run that was killed in %s", out_dir)
-    work = []
-    for task in tasks:
-        pending = []
-        for target in task.targets:
-            name = MatName(args.Nsamps, args.Niters, task.img_id, task.true_label, target.label,
-                           target.info, args.activation, args.order).filename()
-            path = os.path.join(out_dir, name)
-            if os.path.exists(path) and not args.overwrite:
-                log.info("%s exists: skipped (use --overwrite to recompute)", path)
-                continue
-            pending.append((target, path))
-        if pending:
-            work.append((task, pending))
-    n_done = sum(len(t.targets) for t in tasks) - sum(len(p) for _, p in work)
+    work = stage1.plan_image_files(args, tasks, out_dir)
+    seq_of = stage1.pair_sequence(tasks)
+    n_done = len(seq_of) - sum(len(p) for _, p in work)
     if n_done:
         log.warning("%d result files already exist in %s and are kept (resume)", n_done, out_dir)
 
+    rule = converge.rule_from_args(args)
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     pool = None
-    total = 0
+    written = 0
+    saved = 0
     start = time.time()
     try:
         if args.sampler == "shm" and work:
@@ -331,58 +362,53 @@ def main(args) -> int:
                    file=sys.stderr, dynamic_ncols=True)
         for task, pending in work:
             targets = [t for t, _ in pending]
-            labels = [t.label for t in targets]
-            bar.set_postfix_str(f"image {task.img_id}, {len(labels)} targets")
-            grad = np.full((args.Niters, len(labels), 3 if args.order == 1 else 1), np.nan)
-            slope = np.zeros((args.Niters, len(labels), 3))
-            nan_s = np.zeros(len(labels), np.int64)
-            zero_s = np.zeros(len(labels), np.int64)
-            nan_b = np.zeros(len(labels), np.int64)
-            zero_b = np.zeros(len(labels), np.int64)
-            t_img = time.time()
-            for st in estimator.iterate(evaluated[task.img_id], task.predicted, labels, args.Nsamps,
-                                        args.Niters, args.seed, task.img_id, sampler, pool):
-                grad[st.iteration] = st.grad_max
-                if st.slope_max is not None:
-                    slope[st.iteration] = st.slope_max
-                nan_s += st.nan
-                zero_s += st.zero
-                nan_b += st.nan > 0
-                zero_b += st.zero >= args.Nsamps
+            bar.set_postfix_str(f"image {task.img_id}, {len(targets)} targets")
+
+            def on_iteration(st, targets=targets):
                 if not args.quiet:
                     for k, target in enumerate(targets):
                         print(_iteration_line(st, k, target.label, time.time() - start))
                 bar.update(1)
-            seconds = time.time() - t_img
-            grad_x0 = None
-            if args.order == 2:
-                grad_x0 = estimator.gradient_norms_at(evaluated[task.img_id], task.predicted, labels)
+
+            res = stage1.score_image(estimator, sampler, pool, task, targets, task.image,
+                                     nsamps=args.Nsamps, niters=args.Niters, seed=args.seed,
+                                     order=args.order, on_iteration=on_iteration,
+                                     stop_rule=converge.make_stop_rule(rule) if rule else None,
+                                     check_every=rule.check_every if rule else None)
+            if res.niters_used < args.Niters:
+                saved += args.Niters - res.niters_used
+                bar.total -= args.Niters - res.niters_used
+                bar.set_postfix_str(f"converged at {res.niters_used}; saved {saved} it "
+                                    f"({100 * saved / (len(work) * args.Niters):.0f}%)")
+                bar.refresh()
             for k, (target, path) in enumerate(pending):
-                res = TargetResult(target.label,
-                                   float(task.logits[task.predicted] - task.logits[target.label]),
-                                   grad[:, k], slope[:, k], int(nan_b[k]), int(zero_b[k]),
-                                   int(nan_s[k]), int(zero_s[k]), seconds)
-                if res.nan_samples or res.zero_batches:
+                r = res.results[k]
+                if r.nan_samples or r.zero_batches:
                     log.warning("image %d target %d: %d NaN gradient samples, %d batches whose "
                                 "gradients are all zero (gradient masking?); recorded in %s",
-                                task.img_id, target.label, res.nan_samples, res.zero_batches,
+                                task.img_id, target.label, r.nan_samples, r.zero_batches,
                                 os.path.basename(path))
-                record = _spec_keys(args, task, target, res, task.logits, path,
-                                    grad_x0[k, 1] if args.order == 2 else None)
-                record.update(_provenance_keys(args, res, model_name, dim, sampler.radius,
-                                               versions))
+                grad_x0 = None if res.grad_x0_norms is None else res.grad_x0_norms[k]
+                record = stage1.mat_record(args, task, target, r, path, model_name=model_name,
+                                           dim=dim, radius=sampler.radius, versions=versions,
+                                           grad_x0_norm=grad_x0,
+                                           extra=converge.provenance(rule, res.niters_used,
+                                                                     args.Niters, res.checks))
                 common.atomic_savemat(path, record)
-                total += 1
+                written += 1
+                seq = seq_of[(task.img_id, target.label, target.info)]
+                for line in _summary_lines(r, args.compute_slope, grad_x0):
+                    print(line)
                 print("[STATS][L1] total = {}, seq = {}, id = {}, time = {:.3f}, true_class = {}, "
-                      "target_class = {}, info = {}".format(total, task.seq_no, task.img_id,
-                                                            seconds, task.true_label, target.label,
-                                                            target.info), flush=True)
+                      "target_class = {}, info = {}".format(seq + 1, seq, task.img_id,
+                                                            time.time() - start, task.true_label,
+                                                            target.label, target.info), flush=True)
         bar.close()
     finally:
         if pool is not None:
             pool.close()
         signal.signal(signal.SIGTERM, previous)
-    log.info("%d files written to %s in %.1f s", total, out_dir, time.time() - start)
+    log.info("%d files written to %s in %.1f s", written, out_dir, time.time() - start)
     return 0
 
 

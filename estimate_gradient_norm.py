@@ -1,16 +1,25 @@
 """The TensorFlow boundary of stage 1: gradient norms of g = f_c - f_j in batches.
 
-:class:`GradientNormEstimator` compiles, once per model, a ``tf.function``
-that takes a batch of points and returns, for each target class j, the
-batch maxima of the L1, L2 and L-infinity norms of grad g(x), counts of NaN
-and all-zero gradients and (optionally) SLOPE estimates. All targets of an
-image share the points and the forward pass; the backward pass runs once per
-target. Points come either from the shared-memory worker pool
-(``--sampler shm``) or are drawn inside the graph (``--sampler tf``).
+:class:`GradientNormEstimator` compiles, once per model, ``tf.function``s
+that return, for each target class j and each iteration, the maxima over the
+iteration's points of the L1, L2 and L-infinity norms of grad g(x), counts of
+NaN and all-zero gradients and (optionally) SLOPE estimates; with order 2,
+the curvature estimate of largest magnitude from a power iteration run in the
+graph. All targets of an image share the points and the forward pass; the
+backward pass runs once per target.
+
+Iterations run in chunks: with the in-graph sampler (``--sampler tf``) one
+compiled call loops over a chunk's iterations and batches (drawing each
+batch's points from its stateless seed) and returns [chunk, T, ...] arrays,
+copied to the host once. With the shared-memory worker pool
+(``--sampler shm``) each batch of points is one compiled call that folds its
+statistics into accumulators kept on the device, copied once per chunk. The
+chunk length adapts so that a chunk takes about ``CHUNK_SECONDS``.
 """
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -18,10 +27,23 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from common import DATA_MAX, DATA_MIN, derived_seed
+from common import DATA_MAX, DATA_MIN, ToolError, derived_seed
 from randsphere import BallSampler, SamplerPool
 
 log = logging.getLogger("clever.estimate")
+
+#: Order 2: a power-iteration run stops when the L2 norm, over the batch, of the change of
+#: the Rayleigh quotients falls below this (the original tool's criterion).
+POWER_TOL = 1e-3
+#: The stateless random algorithm of every in-graph draw (the CPU/GPU kernels' default).
+RNG_ALG = "philox"
+#: --precision choices (see :func:`set_precision`).
+PRECISIONS = ("float32", "tf32", "mixed_float16")
+#: Target wall time of one chunk of iterations (one host copy): progress lines and the
+#: progress bar advance, and Ctrl-C is honoured, at least about this often.
+CHUNK_SECONDS = 0.5
+#: The most iterations in one chunk.
+MAX_CHUNK = 256
 
 # Norm statistics are in the column order gradient L1, L2, L-infinity norm
 # (keys G1_max, G2_max, Gi_max; slopes L1_max, L2_max, Li_max).
@@ -33,28 +55,33 @@ log = logging.getLogger("clever.estimate")
 def tf_draw(sampler: BallSampler, seed: tf.Tensor, n: int, dim: int) -> tf.Tensor:
     """``n`` perturbations [n, dim] float32 in the sampler's ball, stateless in ``seed``.
 
-    ``seed``: int64 [2]. Same distributions as :meth:`BallSampler.draw`.
+    ``seed``: int64 [2]. Same distributions as :meth:`BallSampler.draw`. The
+    generator is pinned (``RNG_ALG``): left to "auto_select", XLA picks
+    another algorithm than the CPU and GPU kernels, and ``--jit_compile``
+    would draw other points.
     """
-    seeds = tf.random.experimental.stateless_split(seed, 4)
+    seeds = tf.random.experimental.stateless_split(seed, 4, alg=RNG_ALG)
     r = float(sampler.radius)
     if sampler.norm == "li":
-        return tf.random.stateless_uniform([n, dim], seeds[0], -r, r)
+        return tf.random.stateless_uniform([n, dim], seeds[0], -r, r, alg=RNG_ALG)
     if sampler.norm == "l2":
-        z = tf.random.stateless_normal([n, dim], seeds[0])
+        z = tf.random.stateless_normal([n, dim], seeds[0], alg=RNG_ALG)
         z = z / tf.norm(z, axis=1, keepdims=True)
-        u = tf.random.stateless_uniform([n, 1], seeds[1]) ** (1.0 / dim)
+        u = tf.random.stateless_uniform([n, 1], seeds[1], alg=RNG_ALG) ** (1.0 / dim)
         if sampler.uniform_ball:
             return z * (r * u)
-        return z * (u * tf.random.stateless_uniform([n, 1], seeds[2], 0.0, r))
+        return z * (u * tf.random.stateless_uniform([n, 1], seeds[2], 0.0, r, alg=RNG_ALG))
     # l1
     if sampler.uniform_ball:
-        e = -tf.math.log(tf.random.stateless_uniform([n, dim + 1], seeds[0], 1e-12, 1.0))
+        e = -tf.math.log(tf.random.stateless_uniform([n, dim + 1], seeds[0], 1e-12, 1.0,
+                                                     alg=RNG_ALG))
         out = e[:, :dim] / tf.reduce_sum(e, axis=1, keepdims=True) * r
     else:
-        u = tf.sort(tf.random.stateless_uniform([n, dim - 1], seeds[0]), axis=1)
+        u = tf.sort(tf.random.stateless_uniform([n, dim - 1], seeds[0], alg=RNG_ALG), axis=1)
         edges = tf.concat([tf.zeros([n, 1]), u, tf.ones([n, 1])], axis=1)
-        out = (edges[:, 1:] - edges[:, :-1]) * tf.random.stateless_uniform([n, 1], seeds[1], 0.0, r)
-    signs = tf.where(tf.random.stateless_uniform([n, dim], seeds[3]) < 0.5, -1.0, 1.0)
+        out = (edges[:, 1:] - edges[:, :-1]) * tf.random.stateless_uniform(
+            [n, 1], seeds[1], 0.0, r, alg=RNG_ALG)
+    signs = tf.where(tf.random.stateless_uniform([n, dim], seeds[3], alg=RNG_ALG) < 0.5, -1.0, 1.0)
     return out * signs
 
 
@@ -71,11 +98,17 @@ class IterationStats:
     """Maxima over the N_s points of one iteration, for each of T targets.
 
     ``grad_max``: [T, 3] maxima of the gradient's L1, L2, L-inf norms (NaN
-    when every sample was NaN); with order 2, [T, 1] maxima of the negative
-    curvature magnitude H. ``slope_max``: [T, 3] or None. ``nan`` and
-    ``zero``: [T] numbers of samples with a NaN / an all-zero gradient.
-    ``seconds``: wall time of the iteration; ``wait``: of it, the time spent
-    waiting for sampled points (the overhead the pool should hide).
+    when every sample was NaN); with order 2, [T, 1] the curvature estimate
+    of largest magnitude over the iteration's samples, with its sign (the
+    original's H2_max: negative for negative curvature; stage 2 fits its
+    magnitude). ``slope_max``: [T, 3] or None. ``nan`` and ``zero``: [T]
+    numbers of samples with a NaN / an all-zero gradient (order 2: a NaN / a
+    zero curvature estimate). ``seconds``: wall time of the iteration (the
+    chunk's wall time divided by its iterations); ``wait``: of it, the time
+    spent waiting for sampled points (the overhead the pool should hide).
+    ``power_steps``: order 2 only, [T] the largest number of power-iteration
+    steps one run took in this iteration (``power_iters`` when a run stopped
+    at the cap without converging); None with order 1.
     """
 
     iteration: int
@@ -85,6 +118,7 @@ class IterationStats:
     zero: np.ndarray
     seconds: float
     wait: float
+    power_steps: np.ndarray | None = None
 
 
 @dataclass
@@ -103,6 +137,45 @@ class TargetResult:
 
 
 # --------------------------------------------------------------------------
+# Precision
+# --------------------------------------------------------------------------
+def set_precision(precision: str) -> None:
+    """Apply ``precision`` to TensorFlow's matmul/convolution kernels (process-wide).
+
+    TensorFlow turns TensorFloat-32 on by default on Ampere and newer GPUs; its
+    10-bit mantissa perturbs the gradient norms whose maximum stage 2
+    extrapolates, so "float32" turns it off explicitly. "mixed_float16" also
+    keeps TF32 off for the float32 parts (norms, maxima, power iteration).
+    """
+    if precision not in PRECISIONS:
+        raise ToolError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    tf.config.experimental.enable_tensor_float_32_execution(precision == "tf32")
+
+
+def _float16_clone(model):
+    """A copy of a Keras model computing in float16 (variables float32), same weights."""
+    import keras
+
+    if not isinstance(model, keras.Model):
+        raise ToolError("--precision mixed_float16: needs a Keras model (a functional or "
+                        "sequential keras.Model); this model is a plain callable")
+
+    def clone_layer(layer):
+        config = layer.get_config()
+        if not isinstance(layer, keras.layers.InputLayer):
+            config["dtype"] = "mixed_float16"
+        return layer.__class__.from_config(config)
+
+    try:
+        clone = keras.models.clone_model(model, clone_function=clone_layer)
+    except Exception as exc:  # subclassed models cannot be cloned layer by layer
+        raise ToolError(f"--precision mixed_float16: cannot rebuild this model with a "
+                        f"float16 policy ({type(exc).__name__}: {exc})") from None
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+# --------------------------------------------------------------------------
 # The estimator
 # --------------------------------------------------------------------------
 class GradientNormEstimator:
@@ -118,12 +191,30 @@ class GradientNormEstimator:
             over the pairs (x_i, x_{i+B/2}) of each batch. L1_max uses the
             L-inf distance, L2_max the L2 and Li_max the L1 distance, so that
             each estimates the same Lipschitz constant as G1/G2/Gi_max.
+        jit_compile: compile the iteration loops with XLA.
+        order: 1 (gradient norms) or 2 (curvature by power iteration).
+        power_iters: order 2: the most power-iteration steps of one run; a run
+            stops earlier when the L2 norm, over the batch, of the change of
+            the Rayleigh quotients falls below ``POWER_TOL``.
+        precision: "float32" (TensorFloat-32 off), "tf32" or "mixed_float16"
+            (the model computes in float16; gradients, norms, maxima and the
+            power iteration's vectors stay float32).
     """
 
     def __init__(self, model, input_shape: Sequence[int], batch_size: int,
                  clip: tuple[float, float] = (DATA_MIN, DATA_MAX), compute_slope: bool = False,
-                 jit_compile: bool = False, order: int = 1, power_iters: int = 20):
+                 jit_compile: bool = False, order: int = 1, power_iters: int = 500,
+                 precision: str = "float32"):
+        if int(order) not in (1, 2):
+            raise ToolError(f"--order: must be 1 or 2, got {order}")
+        if int(power_iters) < 1:
+            raise ToolError(f"--power_iters: must be at least 1, got {power_iters}")
+        set_precision(precision)
+        self.precision = precision
+        self.jit_compile = bool(jit_compile)
         self.model = model
+        # What the compiled loops evaluate; the float32 model keeps g(x0) and the targets exact.
+        self._net = _float16_clone(model) if precision == "mixed_float16" else model
         self.input_shape = tuple(int(s) for s in input_shape)
         self.dim = int(np.prod(self.input_shape))
         self.batch_size = int(batch_size)
@@ -131,12 +222,18 @@ class GradientNormEstimator:
         self.compute_slope = bool(compute_slope)
         self.order = int(order)
         self.power_iters = int(power_iters)
-        core = self._stats if self.order == 1 else self._curvature_stats
-        self._from_points = tf.function(core, jit_compile=jit_compile)
-        self._from_sampler = tf.function(self._sampled_stats, jit_compile=jit_compile)
+        # Chunk length: None adapts it to CHUNK_SECONDS; an integer pins it (tests, benches).
+        self.fixed_chunk: int | None = None
+        self.last_chunk_ends: list[int] = []   # iterations done at each host copy (diagnostics)
+        self._chunk_fns: dict = {}
+        self._step_fns: dict = {}
         self._grad_at = tf.function(self._gradient_norms)
 
     # -- the compiled core ------------------------------------------------
+    def _logits(self, x):
+        out = self._net(x, training=False)
+        return out if out.dtype == tf.float32 else tf.cast(out, tf.float32)
+
     def _norm_rows(self, x, c, targets):
         """Per-sample gradient norms of every g_j.
 
@@ -147,7 +244,7 @@ class GradientNormEstimator:
         """
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(x)
-            logits = self.model(x, training=False)
+            logits = self._logits(x)
         num_classes = tf.shape(logits)[1]
         weights = (tf.one_hot(c, num_classes)[None, :]
                    - tf.one_hot(targets, num_classes))       # [T, K]: g_j = w_j . logits
@@ -191,13 +288,45 @@ class GradientNormEstimator:
         slope = dg[:, :, None] / tf.maximum(dist[:, None, :], 1e-30)
         return tf.reduce_max(slope, axis=0)                        # [T, 3]
 
-    def _sampled_stats(self, x0, c, targets, seed, sampler: BallSampler, n: int):
+    def _part(self, x, c, targets, seed):
+        """Statistics of one model batch x [n, *input_shape]; ``seed`` int64 [2] is the
+        batch's stateless seed (order 2 draws its power-iteration start from it).
+
+        Returns (best [T, K], slope [T, K], nan [T], zero [T], power steps [T]) with
+        K = 3 (order 1) or 1 (order 2).
+        """
+        if self.order == 1:
+            maxima, slope, nans, zeros = self._stats(x, c, targets)
+            return maxima, slope, nans, zeros, tf.zeros_like(nans)
+        return self._curvature_stats(x, c, targets, seed)
+
+    def _sampled_part(self, x0, c, targets, seed, sampler: BallSampler, n: int):
         delta = tf_draw(sampler, seed, n, self.dim)
         x = tf.clip_by_value(tf.reshape(x0, [1, -1]) + delta, *self.clip)
         x = tf.reshape(x, (n,) + self.input_shape)
+        return self._part(x, c, targets, seed)
+
+    # -- accumulation over the batches of one iteration ---------------------
+    def _columns(self) -> int:
+        return 3 if self.order == 1 else 1
+
+    def _empty(self, num_targets: int):
+        """The neutral accumulator: combining it with a batch's statistics gives them."""
+        k = self._columns()
+        # Order 1 keeps maxima (-inf: "no finite sample yet"); order 2 keeps the signed
+        # value of largest magnitude (NaN: "no finite estimate yet").
+        best = tf.fill([num_targets, k], -np.inf if self.order == 1 else np.nan)
+        count = tf.zeros([num_targets], tf.int32)
+        return best, tf.fill([num_targets, k], -np.inf), count, count, count
+
+    def _combine(self, acc, out):
         if self.order == 1:
-            return self._stats(x, c, targets)
-        return self._curvature_stats(x, c, targets)
+            best = tf.maximum(acc[0], out[0])
+        else:
+            take = tf.logical_or(tf.math.is_nan(acc[0]), tf.abs(out[0]) > tf.abs(acc[0]))
+            best = tf.where(take, out[0], acc[0])
+        return (best, tf.maximum(acc[1], out[1]), acc[2] + out[2], acc[3] + out[3],
+                tf.maximum(acc[4], out[4]))
 
     # -- second order -------------------------------------------------------
     def _hvp(self, x, weights, v):
@@ -211,60 +340,149 @@ class GradientNormEstimator:
             outer.watch(x)
             with tf.GradientTape() as inner:
                 inner.watch(x)
-                g = tf.reduce_sum(self.model(x, training=False) * weights[None, :])
+                g = tf.reduce_sum(self._logits(x) * weights[None, :])
             grad = inner.gradient(g, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             gv = tf.reduce_sum(grad * v)
         hv = outer.gradient(gv, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return hv, grad
 
-    def _power_iteration(self, x, weights, shift):
-        """Dominant eigenvalue of (Hessian of g - shift I) per sample: [B].
+    def _power_iteration(self, x, weights, shift, seed):
+        """Dominant eigenvalue of (Hessian of g at x - shift I), per sample.
 
-        ``shift``: [B]. Power iteration from a fixed random start; the
-        Rayleigh quotient of the last iterate is the estimate.
+        x: [B, *input_shape]; weights: [K]; shift: float32 scalar; seed: int64
+        [2], the stateless seed of the standard-normal start vectors (one per
+        sample). Iterates v <- (H - shift) v / ||.|| until the L2 norm over the
+        batch of the change of the Rayleigh quotients is below POWER_TOL, or
+        ``power_iters`` steps. Returns (Rayleigh quotients [B], steps: int32).
         """
         b = tf.shape(x)[0]
+        expand = (...,) + (None,) * len(self.input_shape)
         axes = list(range(1, len(self.input_shape) + 1))
-        v = tf.random.stateless_normal(tf.shape(x), seed=[7, 11])
-        v = v / tf.norm(tf.reshape(v, [b, -1]), axis=1)[(...,) + (None,) * len(axes)]
-        lam = tf.zeros([b])
-        for _ in range(self.power_iters):
+        v = tf.random.stateless_normal(tf.shape(x), seed=seed, alg=RNG_ALG)
+        v = v / tf.norm(tf.reshape(v, [b, -1]), axis=1)[expand]
+
+        def step(i, v, lam, change):
             hv, _ = self._hvp(x, weights, v)
-            hv = hv - shift[(...,) + (None,) * len(axes)] * v
-            lam = tf.reduce_sum(hv * v, axis=axes)
+            hv = hv - shift * v
+            new = tf.reduce_sum(hv * v, axis=axes)   # Rayleigh quotient (||v|| = 1)
             norm = tf.norm(tf.reshape(hv, [b, -1]), axis=1)
-            # A zero Hessian (piecewise-linear region) keeps v: lam stays 0.
-            v = tf.where((norm > 0)[(...,) + (None,) * len(axes)],
-                         hv / tf.maximum(norm, 1e-30)[(...,) + (None,) * len(axes)], v)
-        return lam
+            # A zero Hessian (piecewise-linear region) keeps v: the estimate stays 0.
+            v = tf.where((norm > 0)[expand], hv / tf.maximum(norm, 1e-30)[expand], v)
+            return i + 1, v, new, tf.norm(new - lam)
 
-    def _curvature_stats(self, x, c, targets):
-        """Batch maxima of the negative-curvature magnitude H of g, per target.
+        def running(i, v, lam, change):
+            # A NaN change (NaN model output) stops the run: its samples are counted as NaN.
+            return tf.logical_and(i < self.power_iters, change >= POWER_TOL)
 
-        H(x) = max(0, -lambda_min(Hessian of g at x)): power iteration gives
-        the largest-magnitude eigenvalue mu; if it is positive, a second run
-        on (Hessian - mu I) finds lambda_min - mu (SPEC section 1).
-        Returns curv_max [T, 1], zeros [T, 1] (no slopes), nan [T], zero [T].
+        steps, _, lam, _ = tf.while_loop(
+            running, step, (tf.constant(0), v, tf.zeros_like(x[(slice(None),) + (0,) * len(axes)]),
+                              tf.constant(np.inf, tf.float32)),
+            parallel_iterations=1)
+        return lam, steps
+
+    def _curvature_stats(self, x, c, targets, seed):
+        """Second-order statistics of one batch, per target (SPEC section 1).
+
+        Power iteration gives each sample's dominant eigenvalue mu. If the
+        batch's largest mu is positive, a second run on (H - s I), s = that
+        maximum, reaches the most negative eigenvalue; a sample whose mu is
+        positive takes the shifted estimate + s. Returns the estimate of
+        largest magnitude, signed, [T, 1]; zeros [T, 1] (no slopes); NaN and
+        zero-estimate counts [T]; and the most steps one run took [T].
         """
-        num_classes = tf.shape(self.model(x[:1], training=False))[1]
-        maxima, nans, zeros = [], [], []
-        b = tf.shape(x)[0]
+        num_classes = tf.shape(self._logits(x[:1]))[1]
+        starts = tf.random.experimental.stateless_split(seed, 6, alg=RNG_ALG)  # rows 0-3: points
+        best, nans, zeros, steps = [], [], [], []
         for t in range(targets.shape[0]):
             weights = tf.one_hot(c, num_classes) - tf.one_hot(targets[t], num_classes)
-            mu = self._power_iteration(x, weights, tf.zeros([b]))
-            shifted = self._power_iteration(x, weights, tf.maximum(mu, 0.0))
-            lam_min = tf.where(mu > 0, shifted + mu, mu)
-            h = tf.maximum(-lam_min, 0.0)
-            bad = tf.math.is_nan(h)
+            mu, n1 = self._power_iteration(x, weights, tf.constant(0.0), starts[4])
+            shift = tf.reduce_max(tf.where(tf.math.is_nan(mu), -np.inf, mu))
+
+            def shifted(mu=mu, weights=weights, shift=shift):
+                lam, n2 = self._power_iteration(x, weights, shift, starts[5])
+                return tf.where(mu > 0, lam + shift, mu), n2
+
+            est, n2 = tf.cond(shift > 0, shifted, lambda mu=mu: (mu, tf.constant(0)))
+            bad = tf.math.is_nan(est)
             nans.append(tf.reduce_sum(tf.cast(bad, tf.int32)))
-            zeros.append(tf.reduce_sum(tf.cast(tf.logical_and(~bad, h == 0), tf.int32)))
-            maxima.append(tf.reduce_max(tf.where(bad, -np.inf, h))[None])
-        curv = tf.stack(maxima)
-        return curv, tf.zeros_like(curv), tf.stack(nans), tf.stack(zeros)
+            zeros.append(tf.reduce_sum(tf.cast(tf.logical_and(~bad, est == 0), tf.int32)))
+            mag = tf.where(bad, -1.0, tf.abs(est))
+            pick = est[tf.argmax(mag)]
+            best.append(tf.where(tf.reduce_all(bad), np.float32(np.nan), pick)[None])
+            steps.append(tf.maximum(n1, n2))
+        curv = tf.stack(best)
+        return curv, tf.zeros_like(curv), tf.stack(nans), tf.stack(zeros), tf.stack(steps)
 
     def _gradient_norms(self, x, c, targets):
         """Gradient L1, L2, L-inf norms of g_j at each point: [B, T, 3]."""
         return tf.transpose(self._norm_rows(x, c, targets)[0], [1, 0, 2])
+
+    # -- compiled loops -----------------------------------------------------
+    def _sampled_chunk_fn(self, sampler: BallSampler, parts: tuple[int, ...], num_targets: int):
+        """A compiled call running a chunk of iterations with in-graph sampling.
+
+        fn(x0 [*input_shape], c, targets [T], seeds int64 [k, P, 2]) -> the
+        per-iteration accumulators stacked: [k, T, K], [k, T, K], [k, T] x 3.
+        """
+        key = ("tf", sampler, parts, num_targets)
+        if key in self._chunk_fns:
+            return self._chunk_fns[key]
+        n_full = sum(1 for n in parts if n == self.batch_size)
+        rest = parts[-1] if parts[-1] != self.batch_size else 0
+        empty = lambda: self._empty(num_targets)  # noqa: E731
+
+        def one_iteration(x0, c, targets, seeds):  # seeds [P, 2]
+            acc = empty()
+            if n_full == 1:
+                acc = self._combine(acc, self._sampled_part(x0, c, targets, seeds[0], sampler,
+                                                            self.batch_size))
+            elif n_full > 1:
+                def body(p, *acc):
+                    out = self._sampled_part(x0, c, targets, seeds[p], sampler, self.batch_size)
+                    return (p + 1,) + self._combine(acc, out)
+
+                acc = tuple(tf.while_loop(lambda p, *a: p < n_full, body,
+                                          (tf.constant(0),) + acc, parallel_iterations=1)[1:])
+            if rest:
+                acc = self._combine(acc, self._sampled_part(x0, c, targets, seeds[n_full], sampler,
+                                                            rest))
+            return acc
+
+        def chunk(x0, c, targets, seeds):
+            k = tf.shape(seeds)[0]
+            arrays = tuple(tf.TensorArray(a.dtype, size=k, element_shape=a.shape)
+                           for a in empty())
+
+            def body(i, arrays):
+                acc = one_iteration(x0, c, targets, seeds[i])
+                return i + 1, tuple(ta.write(i, a) for ta, a in zip(arrays, acc))
+
+            # One iteration at a time: parallel iterations would multiply the activations' memory.
+            _, arrays = tf.while_loop(lambda i, _: i < k, body, (tf.constant(0), arrays),
+                                      parallel_iterations=1)
+            return tuple(ta.stack() for ta in arrays)
+
+        fn = tf.function(chunk, jit_compile=self.jit_compile, input_signature=[
+            tf.TensorSpec(self.input_shape, tf.float32), tf.TensorSpec([], tf.int32),
+            tf.TensorSpec([num_targets], tf.int32), tf.TensorSpec([None, len(parts), 2], tf.int64)])
+        self._chunk_fns[key] = fn
+        return fn
+
+    def _points_step_fn(self, num_targets: int):
+        """A compiled call folding one batch of pool points into the accumulator."""
+        if num_targets in self._step_fns:
+            return self._step_fns[num_targets]
+        acc_spec = tuple(tf.TensorSpec(a.shape, a.dtype) for a in self._empty(num_targets))
+
+        def step(acc, x, c, targets, seed):
+            return self._combine(acc, self._part(x, c, targets, seed))
+
+        fn = tf.function(step, jit_compile=self.jit_compile, input_signature=[
+            acc_spec, tf.TensorSpec((None,) + self.input_shape, tf.float32),
+            tf.TensorSpec([], tf.int32), tf.TensorSpec([num_targets], tf.int32),
+            tf.TensorSpec([2], tf.int64)])
+        self._step_fns[num_targets] = fn
+        return fn
 
     # -- host-side driver ---------------------------------------------------
     def logits(self, x: np.ndarray) -> np.ndarray:
@@ -284,45 +502,102 @@ class GradientNormEstimator:
         full, rest = divmod(int(nsamps), self.batch_size)
         return [self.batch_size] * full + ([rest] if rest else [])
 
+    def _next_chunk(self, current: int, seconds_per_iteration: float) -> int:
+        """The next chunk length: a power of two (so XLA compiles few shapes) whose
+        expected wall time is at most CHUNK_SECONDS, at most 4x the current one."""
+        fit = CHUNK_SECONDS / max(seconds_per_iteration, 1e-9)
+        k = 1
+        while k * 2 <= min(fit, 4 * current, MAX_CHUNK):
+            k *= 2
+        return k
+
     def iterate(self, x0: np.ndarray, c: int, targets: Sequence[int], nsamps: int, niters: int,
                 seed: int, img_id: int, sampler: BallSampler, pool: SamplerPool | None = None,
-                start_iter: int = 0) -> Iterator[IterationStats]:
-        """Run ``niters`` iterations of ``nsamps`` points around ``x0``.
+                start_iter: int = 0, sync_every: int | None = None) -> Iterator[IterationStats]:
+        """Run iterations ``start_iter .. niters-1`` of ``nsamps`` points around ``x0``.
 
-        Yields one :class:`IterationStats` per iteration. The points of batch
-        (iteration i, part p) depend only on (seed, img_id, i, p) and the
-        sampler, so results do not depend on batch scheduling.
-        With ``pool``, points come from the worker pool (and carry its
-        transformation); without, they are drawn in the graph.
+        Yields one :class:`IterationStats` per iteration, in order. Iterations
+        run in chunks: one compiled call (in-graph sampler) or one compiled
+        call per batch with the statistics kept on the device (pool), then one
+        copy to the host. The chunk length starts at 1 and adapts so that a
+        chunk takes about CHUNK_SECONDS (progress and Ctrl-C stay responsive).
+        With ``sync_every=k`` a chunk never runs past an iteration i with
+        (i+1) % k == 0. The points of batch (iteration i, part p) depend only
+        on (seed, img_id, i, p) and the sampler, so results do not depend on
+        the chunking. With ``pool``, points come from the worker pool (and
+        carry its transformation); without, they are drawn in the graph.
+        Closing the generator early is safe: the pool's pending batches are
+        drained so the pool can serve the next image.
         """
         parts = self.parts(nsamps)
+        num_targets = len(targets)
         c_t = tf.constant(int(c), tf.int32)
         t_t = tf.constant(list(targets), tf.int32)
         x0_t = tf.constant(np.asarray(x0, np.float32))
+        if sync_every is not None and int(sync_every) < 1:
+            raise ValueError(f"sync_every must be positive, got {sync_every}")
+        self.last_chunk_ends = []
         stream = None
-        if pool is not None:
-            jobs = [((seed, img_id, it, p), n) for it in range(start_iter, niters)
-                    for p, n in enumerate(parts)]
-            stream = pool.stream(x0, jobs)
-        for it in range(start_iter, niters):
-            t0 = time.perf_counter()
-            wait = 0.0
-            acc = None
-            for p, n in enumerate(parts):
-                if stream is not None:
-                    w0 = time.perf_counter()
-                    batch = tf.constant(next(stream))  # copies out of the shared slot
-                    wait += time.perf_counter() - w0
-                    out = self._from_points(batch, c_t, t_t)
+        open_jobs = [True]
+
+        def jobs():  # lazily, so that an early close submits nothing more
+            for i in range(start_iter, niters):
+                for p, n in enumerate(parts):
+                    if not open_jobs[0]:
+                        return
+                    yield (seed, img_id, i, p), n
+
+        finished = False
+        try:
+            if pool is not None:
+                stream = pool.stream(x0, jobs())
+                step = self._points_step_fn(num_targets)
+            else:
+                chunk_fn = self._sampled_chunk_fn(sampler, tuple(parts), num_targets)
+            it, k = start_iter, 1
+            while it < niters:
+                end = min(niters, it + (self.fixed_chunk or k))
+                if sync_every:
+                    end = min(end, (it // int(sync_every) + 1) * int(sync_every))
+                t0 = time.perf_counter()
+                wait = 0.0
+                if stream is None:
+                    seeds = np.array([[tf_seed(seed, img_id, i, p) for p in range(len(parts))]
+                                      for i in range(it, end)], np.int64)
+                    out = chunk_fn(x0_t, c_t, t_t, tf.constant(seeds))
                 else:
-                    out = self._from_sampler(x0_t, c_t, t_t, tf.constant(tf_seed(seed, img_id, it, p)),
-                                             sampler, n)
-                acc = out if acc is None else (tf.maximum(acc[0], out[0]), tf.maximum(acc[1], out[1]),
-                                               acc[2] + out[2], acc[3] + out[3])
-            grad_max = acc[0].numpy().astype(np.float64)
-            grad_max[np.isneginf(grad_max)] = np.nan  # every sample was NaN
-            yield IterationStats(it, grad_max,
-                                 acc[1].numpy().astype(np.float64) if self.compute_slope else None,
-                                 acc[2].numpy(), acc[3].numpy(), time.perf_counter() - t0, wait)
-        if stream is not None:
-            stream.close()
+                    accs = []
+                    for i in range(it, end):
+                        acc = self._empty(num_targets)
+                        for p in range(len(parts)):
+                            w0 = time.perf_counter()
+                            batch = tf.constant(next(stream))  # copies out of the shared slot
+                            wait += time.perf_counter() - w0
+                            acc = step(acc, batch, c_t, t_t,
+                                       tf.constant(tf_seed(seed, img_id, i, p)))
+                        accs.append(acc)
+                    out = tuple(tf.stack(column) for column in zip(*accs))
+                best, slope, nans, zeros, steps = (o.numpy() for o in out)  # the host copy
+                elapsed = time.perf_counter() - t0
+                self.last_chunk_ends.append(end)
+                count = end - it
+                for q in range(count):
+                    grad_max = best[q].astype(np.float64)
+                    grad_max[np.isneginf(grad_max)] = np.nan  # every sample was NaN
+                    yield IterationStats(
+                        it + q, grad_max,
+                        slope[q].astype(np.float64) if self.compute_slope else None,
+                        nans[q], zeros[q], elapsed / count, wait / count,
+                        steps[q] if self.order == 2 else None)
+                it = end
+                k = self._next_chunk(self.fixed_chunk or k, elapsed / count)
+            finished = True
+        finally:
+            if stream is not None:
+                open_jobs[0] = False
+                if not finished and sys.exc_info()[0] in (None, GeneratorExit):
+                    # Closed early by the consumer: collect the batches already submitted,
+                    # so the workers' pending replies do not reach the next stream.
+                    for _ in stream:
+                        pass
+                stream.close()

@@ -436,12 +436,77 @@ def load_model_file(path: str, input_shape: Sequence[int] | None = None) -> kera
     raise ToolError(f"{path}: not a model file (expected a .keras or .h5 file or a SavedModel folder)")
 
 
+def _applies_softmax(layer) -> bool:
+    """Whether a Keras layer's output is a softmax (Softmax layer, or activation='softmax')."""
+    if isinstance(layer, layers.Softmax):
+        return True
+    act = getattr(layer, "activation", None)
+    return getattr(act, "__name__", "") == "softmax"
+
+
+def _output_layer(model):
+    """The layer that produces a single-output Keras model's output, or None."""
+    outputs = getattr(model, "outputs", None)
+    if outputs and len(outputs) == 1:
+        history = getattr(outputs[0], "_keras_history", None)
+        op = getattr(history, "operation", None) if history is not None else None
+        if op is None and isinstance(history, tuple) and history:
+            op = history[0]
+        if op is not None:
+            return op
+    found = getattr(model, "layers", None)
+    return found[-1] if found else None
+
+
+def logits_model(model, path: str = "model") -> tuple:
+    """The model scored on logits: a final softmax is removed.
+
+    CLEVER is defined on logits (SPEC section 1); gradients of probabilities
+    are not what the bound needs. When the layer producing the output is a
+    ``Softmax`` layer, an ``Activation("softmax")`` or a layer built with
+    ``activation="softmax"`` (e.g. ``Dense(10, activation="softmax")``),
+    returns a model with the same inputs and weights whose output is the
+    tensor before the softmax: the softmax layer's input, or the same layer
+    without its activation.
+
+    Returns ``(model, notice)``: ``notice`` names the layer (None when the
+    model was kept). Raises a one-line ToolError naming ``path`` when the
+    softmax cannot be removed (e.g. a subclassed model).
+    """
+    last = _output_layer(model)
+    if last is None or not _applies_softmax(last):
+        return model, None
+    how = ("a Softmax layer" if isinstance(last, layers.Softmax)
+           else f"{type(last).__name__}(activation='softmax')")
+    try:
+        before = last.input
+        if isinstance(last, (layers.Softmax, layers.Activation)):
+            logits = before
+        else:
+            config = last.get_config()
+            config.update(activation="linear", name=f"{last.name}_logits")
+            twin = type(last).from_config(config)
+            logits = twin(before)
+            twin.set_weights(last.get_weights())
+        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+        stripped = keras.Model(inputs, logits, name=f"{model.name}_logits")
+    except Exception as err:  # noqa: BLE001 - any failure means we cannot rebuild the graph
+        raise ToolError(f"{path}: the last layer {last.name!r} ({how}) outputs probabilities and "
+                        f"the logits before it cannot be taken ({_error_line(err)}); save the model "
+                        "without the final softmax (e.g. Dense(10) instead of "
+                        "Dense(10, activation='softmax')) and pass that file") from None
+    notice = (f"{path}: the last layer {last.name!r} is {how}; CLEVER is computed on the logits "
+              "before it (the softmax is removed)")
+    return stripped, notice
+
+
 def check_logits(model: keras.Model, path: str, input_shape: Sequence[int] | None,
                  num_classes: int | None = NUM_CLASSES) -> None:
     """Check that ``model`` maps an image batch to logits [batch, num_classes].
 
-    Raises a ToolError naming ``path`` otherwise; warns (without failing) when
-    the outputs look like probabilities, which CLEVER must not be run on.
+    Raises a ToolError naming ``path`` otherwise, also when the outputs look
+    like probabilities (non-negative, summing to 1), which CLEVER must not be
+    run on (:func:`logits_model` removes a softmax layer it can find first).
     """
     if input_shape is None:
         shape = tuple(model.output_shape) if hasattr(model, "output_shape") else None
@@ -458,8 +523,9 @@ def check_logits(model: keras.Model, path: str, input_shape: Sequence[int] | Non
         want = f"[batch, {num_classes}]" if num_classes else "[batch, classes]"
         raise ToolError(f"{path}: the model outputs shape {list(out.shape)} for 2 images, expected {want}")
     if np.all(out >= 0) and np.allclose(out.sum(axis=1), 1.0, atol=1e-4):
-        log.warning("%s: the outputs sum to 1 like probabilities; CLEVER needs logits "
-                    "(remove the final softmax)", path)
+        raise ToolError(f"{path}: the outputs sum to 1 like probabilities; CLEVER needs logits: "
+                        "save the model without its final softmax (e.g. Dense(10) instead of "
+                        "Dense(10, activation='softmax')) and pass that file")
 
 
 def load_model(dataset: str, model_name: str = "normal", activation: str = "relu",
@@ -471,6 +537,9 @@ def load_model(dataset: str, model_name: str = "normal", activation: str = "relu
     ``dataset``, see :func:`models_path`. With ``model_path``: the user's own
     model, a .keras/.h5 file or a TensorFlow SavedModel folder (wrapped so
     that it is callable on a batch and differentiable).
+
+    A model whose last layer applies softmax is scored on the logits before
+    it (:func:`logits_model`, with a logged notice naming the layer).
 
     Raises a one-line ToolError for an unknown name, a missing file (saying
     how to train it), a file that does not load, or outputs that are not
@@ -486,7 +555,9 @@ def load_model(dataset: str, model_name: str = "normal", activation: str = "relu
         if not os.path.exists(path):
             raise ToolError(f"{path}: model file not found; train it with: "
                             f"{_train_hint(dataset, model_name, activation, models_dir)}")
-    model = load_model_file(path, input_shape)
+    model, notice = logits_model(load_model_file(path, input_shape), path)
+    if notice:
+        log.warning("%s", notice)
     check_logits(model, path, input_shape, NUM_CLASSES if input_shape else None)
     return model
 

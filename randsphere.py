@@ -132,13 +132,38 @@ class _InheritedFd:
         return dup.detach()
 
 
-def _apply_transform(name: str | None, pts: np.ndarray) -> np.ndarray:
-    """Apply a named input transformation to points in the data range (BPDA forward)."""
-    if not name:
-        return pts
-    import defense  # lazily: only workers of --transform runs need Pillow
+#: Last seed part of a job's transformation stream (defend_tv's masks), so that it is
+#: independent of the job's sampling stream, derived_seed(*seed_parts).
+TRANSFORM_STREAM = 0x7F5
 
-    return defense.apply_transform(name, pts)
+
+def transform_rng(seed_parts: Sequence[int]) -> np.random.Generator:
+    """The generator of a job's random transformation (defend_tv's masks).
+
+    Derived from the job's seed parts (run seed, image, iteration, part) like
+    the job's points, but a different stream: the masks of a job do not
+    depend on the number of workers or on which worker runs it.
+    """
+    return np.random.default_rng(derived_seed(*seed_parts, TRANSFORM_STREAM))
+
+
+def bpda_points(sampler: BallSampler, x0: np.ndarray, seed_parts: Sequence[int], n: int,
+                transform: str | None, clip: tuple[float, float] = (DATA_MIN, DATA_MAX)
+                ) -> np.ndarray:
+    """The points the model sees for one job: float32 [n, *x0.shape].
+
+    T(clip(x0 + delta)) clipped again, where delta are the sampler's
+    perturbations drawn with derived_seed(*seed_parts) around the
+    UNtransformed x0 (BPDA, SPEC section 1); clip(x0 + delta) without a
+    transformation. What a pool worker writes for the job.
+    """
+    pts = sampler.points(np.random.default_rng(derived_seed(*seed_parts)), x0, n, clip)
+    if not transform:
+        return pts
+    import defense  # lazily: only --transform runs need Pillow
+
+    out = defense.apply_transform(transform, pts, rng=transform_rng(seed_parts))
+    return np.clip(out, clip[0], clip[1], out=out)
 
 
 def _worker_main(fd_arg, nbytes: int, nslots: int, slot_points: int, input_shape: tuple,
@@ -165,8 +190,7 @@ def _worker_main(fd_arg, nbytes: int, nslots: int, slot_points: int, input_shape
             continue
         _, slot, seed_parts, n = msg
         try:
-            pts = sampler.points(np.random.default_rng(derived_seed(*seed_parts)), x0, n, clip)
-            pts = _apply_transform(transform, pts)
+            pts = bpda_points(sampler, x0, seed_parts, n, transform, clip)
             slots[slot, :n] = pts.reshape(n, dim)
             conn.send(("done", slot))
         except Exception as err:  # report, the parent turns it into a ToolError
@@ -188,7 +212,9 @@ class SamplerPool:
         slot_points: points per batch (the model batch size).
         nworkers: worker processes (at least 1).
         transform: name of a ``defense`` transformation applied to every point
-            (BPDA: the model is evaluated at T(x)), or None.
+            (BPDA: the model is evaluated at T(clip(x0 + delta)), clipped again),
+            or None. Random transformations (defend_tv) draw from
+            :func:`transform_rng` of the job's seed parts.
     """
 
     def __init__(self, sampler: BallSampler, input_shape: Sequence[int], slot_points: int,
@@ -257,6 +283,10 @@ class SamplerPool:
     def stream(self, x0: np.ndarray, jobs: Sequence[tuple[tuple[int, ...], int]]
                ) -> Iterator[np.ndarray]:
         """Yield the points of each job: float32 [n, *input_shape] views.
+
+        ``x0`` is the UNtransformed input: the perturbations are drawn around
+        it and the pool's transformation is applied to the clipped points
+        (:func:`bpda_points`).
 
         ``jobs`` are (seed parts, n) pairs with n <= slot_points. A yielded view
         is overwritten once the generator resumes: copy it (e.g. into a

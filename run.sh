@@ -20,8 +20,14 @@ usage: ./run.sh demo
          niters      number of batches (N_b), e.g. 500
          activation  relu | tanh | sigmoid | elu | softplus | hard_sigmoid | arctan
          order       1 or 2
-         target      top2 | rand | least | all
+         target      top2 | rand | least | all (all = top2, random and least; stage 2 untargeted)
          gpuNum      GPU index to use (optional)
+       runs collect_gradients.py --numimg 20 ... then clever.py on that run's files; the output
+       is also written to logs/<model>/<modeltype>/<model>_<modeltype>_<activation>_ord<order>_
+       ns<nsamp>_nit<niters>_<target>_<mmdd_HHMMSS>.log
+       environment: CLEVER_SAVE (results folder, default lipschitz_mat), CLEVER_LOGS (default
+       logs), CLEVER_MODELS_DIR (default models), CLEVER_NUMIMG (default 20),
+       CLEVER_NO_SETUP=1 (use the environment as it is, no pip)
 USAGE
     exit 2
 }
@@ -75,24 +81,37 @@ demo() {
 
 original() {
     [ "$#" -ge 7 ] || usage
-    local model=$1 modeltype=$2 nsamp=$3 niters=$4 activation=$5 order=$6 target=$7
+    local model=$1 modeltype=$2 nsamp=$3 niters=$4 activation=$5 order=$6 target=$7 ttype
+    # The original's target codes: top2 1, rand 2, least 4, all 15 (top-2, random and least).
+    # In this toolkit's --target_type bits (common.TargetKind) bit 3 is user targets from
+    # --ids and bit 4 untargeted, so 'all' is 7 here.
     case "$target" in
-        top2) ttype=1 ;; rand|random) ttype=2 ;; least) ttype=4 ;; all) ttype=16 ;;
+        top2) ttype=1 ;; rand|random) ttype=2 ;; least) ttype=4 ;; all) ttype=7 ;;
         *) echo "run.sh: error: target must be top2, rand, least or all, got '$target'" >&2; usage ;;
     esac
     case "$order" in 1|2) ;; *) echo "run.sh: error: order must be 1 or 2, got '$order'" >&2; usage ;; esac
+    for n in "$nsamp" "$niters"; do
+        case "$n" in ''|*[!0-9]*) echo "run.sh: error: nsamp and niters must be positive integers, got '$n'" >&2; usage ;; esac
+    done
     if [ "$#" -ge 8 ]; then export CUDA_VISIBLE_DEVICES="$8"; fi
-    ensure_env
-    local logdir="logs/$model/$modeltype"
-    local log="$logdir/${model}_${modeltype}_${nsamp}_${niters}_${activation}_order${order}_${target}_$(date +%Y%m%d_%H%M%S).log"
+    [ -n "${CLEVER_NO_SETUP:-}" ] || ensure_env
+    # Locations (defaults as the original's): CLEVER_SAVE results, CLEVER_LOGS logs,
+    # CLEVER_MODELS_DIR trained models; CLEVER_NUMIMG images (the original's 20).
+    local save="${CLEVER_SAVE:-lipschitz_mat}" logroot="${CLEVER_LOGS:-logs}"
+    local models_dir="${CLEVER_MODELS_DIR:-models}" numimg="${CLEVER_NUMIMG:-20}"
+    local logdir="$logroot/$model/$modeltype"
+    local log="$logdir/${model}_${modeltype}_${activation}_ord${order}_ns${nsamp}_nit${niters}_${target}_$(date +%m%d_%H%M%S).log"
     mkdir -p "$logdir"
     echo "[run.sh] logging to $log" >&2
-    local untargeted=()
-    [ "$target" = all ] && untargeted=(--untargeted)
+    local stage2=(--match "${nsamp}_${niters}_*_${activation}_order${order}.mat")
+    # 'all' collects top2, random and least: CLEVER-u is per image the minimum over them.
+    [ "$target" = all ] && stage2+=(--untargeted)
     {
-        "$PY" collect_gradients.py -d "$model" -m "$modeltype" -N "$nsamp" -i "$niters" \
-            --activation "$activation" --order "$order" --target_type "$ttype"
-        "$PY" clever.py "lipschitz_mat/${model}_${modeltype}" "${untargeted[@]}"
+        "$PY" collect_gradients.py --numimg "$numimg" -d "$model" --model_name "$modeltype" \
+            --batch_size "$nsamp" --Nsamps "$nsamp" --Niters "$niters" --activation "$activation" \
+            --target_type "$ttype" --order "$order" --models_dir "$models_dir" -s "$save" \
+            --no_progress
+        "$PY" clever.py "$save/${model}_${modeltype}" "${stage2[@]}"
     } 2>&1 | tee "$log"
 }
 

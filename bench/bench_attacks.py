@@ -5,9 +5,16 @@ images (28 x 28 x 1, the MNIST layout) with the same iterations, binary search
 steps, initial constant and learning rate, on the digits "normal" 7-layer CNN
 (``models/digits.keras`` when it exists; otherwise the same architecture with
 random weights, or briefly trained with ``--train_epochs``, which the output
-says). One timed run each; ours is also timed a second time, warm (its
-tf.functions already traced), because tracing is a one-off per attack object,
-and once more without early abort, since ART's CarliniL2Method has none.
+says).
+
+Both sides are timed the same way: the wall clock (``time.perf_counter``)
+around one call that attacks the N images (ours: ``attack(x, labels)``; ART:
+``attack.generate(x, y)``), on attack objects built before the clock starts.
+The first call of each is the cold time (ours traces its tf.functions then);
+then ``--rounds`` rounds run ART, ours without early abort and ours with early
+abort interleaved, and the minimum of each is its warm time. ART's
+CarliniL2Method has no early abort, so the like-for-like ratio is ART warm /
+ours warm without early abort; all four ratios are printed, labelled.
 
     .venv/bin/python bench/bench_attacks.py --n 10 --iterations 100 --train_epochs 2
 
@@ -56,10 +63,13 @@ def parse_args(argv):
     p.add_argument("--train_epochs", type=int, default=0,
                    help="without a model file: train the random CNN this many epochs (default 0)")
     p.add_argument("--seed", type=int, default=1215)
+    p.add_argument("--rounds", type=int, default=2,
+                   help="warm timed rounds per side, interleaved; the minimum is reported "
+                        "(default %(default)s)")
     p.add_argument("--no_art", action="store_true", help="time only attacks.py")
     p.add_argument("-v", "--verbose", action="count", default=0)
     args = p.parse_args(argv)
-    for name in ("n", "iterations", "binary_steps"):
+    for name in ("n", "iterations", "binary_steps", "rounds"):
         check_positive("--" + name, getattr(args, name))
     check_positive("--train_epochs", args.train_epochs, allow_zero=True)
     return args
@@ -132,24 +142,20 @@ def load_or_build(args, train_x, train_y):
                    f"{args.train_epochs} epoch(s)")
 
 
-def time_ours(model, x, labels, args, abort_early: bool = True):
-    """(result of the warm run, cold seconds, warm seconds) of attacks.CarliniWagnerL2."""
+def build_ours(model, args, abort_early: bool):
+    """A callable attacking (x, labels) with attacks.CarliniWagnerL2 (returns an AttackResult)."""
     import attacks
 
     attack = attacks.CarliniWagnerL2(model, max_iterations=args.iterations,
                                      binary_search_steps=args.binary_steps,
                                      initial_const=args.initial_const,
                                      learning_rate=args.learning_rate, abort_early=abort_early,
-                                     batch_size=len(x))
-    start = time.perf_counter()
-    cold = attack(x, labels=labels)
-    cold_s = time.perf_counter() - start
-    start = time.perf_counter()
-    warm = attack(x, labels=labels)
-    warm_s = time.perf_counter() - start
-    if not np.array_equal(cold.success, warm.success):
-        log.warning("the cold and warm runs differ in success")
-    return warm, cold_s, warm_s
+                                     batch_size=args.n)
+
+    def run(x, labels):
+        return attack(x, labels=labels)
+
+    return run
 
 
 def art_available() -> str | None:
@@ -162,27 +168,33 @@ def art_available() -> str | None:
         return None
 
 
-def time_art(model, x, labels, args):
+def build_art(model, args, input_shape):
+    """A callable attacking (x, labels) with ART's CarliniL2Method; returns adversarials."""
     import keras
     from art.attacks.evasion import CarliniL2Method
     from art.estimators.classification import TensorFlowV2Classifier
 
     classifier = TensorFlowV2Classifier(
-        model=model, nb_classes=10, input_shape=x.shape[1:],
+        model=model, nb_classes=10, input_shape=input_shape,
         loss_object=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         clip_values=(-0.5, 0.5))
     attack = CarliniL2Method(classifier, confidence=0.0, targeted=False,
                              learning_rate=args.learning_rate,
                              binary_search_steps=args.binary_steps, max_iter=args.iterations,
-                             initial_const=args.initial_const, batch_size=len(x), verbose=False)
+                             initial_const=args.initial_const, batch_size=args.n, verbose=False)
+
+    def run(x, labels):
+        return np.asarray(attack.generate(x=x, y=np.eye(10, dtype=np.float32)[labels]),
+                          np.float32)
+
+    return run
+
+
+def timed(fn, *a):
+    """(result, wall seconds) of one call: the same timer for every side."""
     start = time.perf_counter()
-    adv = attack.generate(x=x, y=np.eye(10, dtype=np.float32)[labels])
-    seconds = time.perf_counter() - start
-    adv = np.asarray(adv, np.float32)
-    pred = np.asarray(model(adv, training=False)).argmax(1)
-    success = pred != labels
-    l2 = np.linalg.norm((adv - x).reshape(len(x), -1), axis=1)
-    return success, l2, seconds
+    out = fn(*a)
+    return out, time.perf_counter() - start
 
 
 def main(args) -> int:
@@ -215,29 +227,50 @@ def main(args) -> int:
     print(f"# versions: tensorflow {tf.__version__}, keras {keras.__version__}, "
           f"numpy {np.__version__}, cpu threads {os.cpu_count()}")
 
+    print(f"# timing: wall clock around one call on all {len(x)} images per side; cold = first "
+          f"call, warm = minimum of {args.rounds} interleaved rounds")
     n = len(x)
-    ours, cold_s, warm_s = time_ours(model, x, labels, args)
-    print(f"ours: {warm_s:.2f} s warm ({warm_s / n:.3f} s/image), {cold_s:.2f} s cold incl. "
-          f"tracing; success {ours.success.mean():.0%}, mean L2 "
-          f"{ours.mean_distortion(Norm.L2):.4f}")
-    # ART has no early abort: also time ours running every iteration.
-    full, full_cold_s, full_s = time_ours(model, x, labels, args, abort_early=False)
-    print(f"ours, no early abort: {full_s:.2f} s warm ({full_s / n:.3f} s/image), "
-          f"{full_cold_s:.2f} s cold; success {full.success.mean():.0%}, mean L2 "
-          f"{full.mean_distortion(Norm.L2):.4f}")
-
     version = None if args.no_art else art_available()
+    if version is None and not args.no_art:
+        print("ART: not installed; install it with "
+              "`.venv/bin/pip install adversarial-robustness-toolbox==1.20.1` to compare")
+    sides = {"ours": build_ours(model, args, True),
+             "ours, no early abort": build_ours(model, args, False)}
+    if version is not None:
+        sides[f"ART {version} CarliniL2Method"] = build_art(model, args, x.shape[1:])
+    cold, warm, results = {}, {name: [] for name in sides}, {}
+    for name, fn in sides.items():  # cold: the first call of each attack object
+        results[name], cold[name] = timed(fn, x, labels)
+    for _ in range(args.rounds):  # interleaved so that machine load hits every side alike
+        for name, fn in sides.items():
+            results[name], seconds = timed(fn, x, labels)
+            warm[name].append(seconds)
+    best = {name: min(v) for name, v in warm.items()}
+    for name in sides:
+        if name.startswith("ART"):
+            adv = results[name]
+            success = np.asarray(model(adv, training=False)).argmax(1) != labels
+            l2 = np.linalg.norm((adv - x).reshape(n, -1), axis=1)
+            mean_l2 = float(np.mean(l2[success])) if success.any() else float("nan")
+            rate = success.mean()
+        else:
+            res = results[name]
+            rate, mean_l2 = res.success.mean(), res.mean_distortion(Norm.L2)
+        print(f"{name}: warm {best[name]:.2f} s ({best[name] / n:.3f} s/image; rounds "
+              + ", ".join(f"{v:.2f}" for v in warm[name]) + f"), cold {cold[name]:.2f} s; "
+              f"success {rate:.0%}, mean L2 {mean_l2:.4f}")
     if version is None:
-        if not args.no_art:
-            print("ART: not installed; install it with "
-                  "`.venv/bin/pip install adversarial-robustness-toolbox==1.20.1` to compare")
         return 0
-    success, l2, art_s = time_art(model, x, labels, args)
-    mean_l2 = float(np.mean(l2[success])) if success.any() else float("nan")
-    print(f"ART {version} CarliniL2Method: {art_s:.2f} s ({art_s / n:.3f} s/image); "
-          f"success {success.mean():.0%}, mean L2 {mean_l2:.4f}")
-    print(f"ratio ART / ours: {art_s / warm_s:.1f}x warm, {art_s / cold_s:.1f}x cold; "
-          f"without early abort {art_s / full_s:.1f}x warm, {art_s / full_cold_s:.1f}x cold")
+    art_name = f"ART {version} CarliniL2Method"
+    full, abort = "ours, no early abort", "ours"
+    print(f"ratio ART / ours, like for like (no early abort, both warm): "
+          f"{best[art_name] / best[full]:.2f}x")
+    print(f"ratio ART / ours, like for like (no early abort, both cold): "
+          f"{cold[art_name] / cold[full]:.2f}x")
+    print(f"ratio ART / ours, ours with early abort (both warm): "
+          f"{best[art_name] / best[abort]:.2f}x")
+    print(f"ratio ART / ours, ours with early abort (both cold): "
+          f"{cold[art_name] / cold[abort]:.2f}x")
     return 0
 
 

@@ -1,16 +1,28 @@
 #!/usr/bin/env python3
-"""Stage-1 benchmark on the MNIST 'normal' 7-layer CNN (28x28x1), one run.
+"""Stage-1 benchmark: stage 1 against the work it must do, on 28x28x1 inputs.
 
-Prints, all measured in this one run:
-  (a) stage-1 gradients/s divided by a bare compiled GradientTape loop over
-      the same number of pre-generated points (same model and batch size);
-  (b) stage-1 time for the 9 untargeted classes of one image divided by 9
-      times the single-target time (sharing samples and the forward pass);
-  (c) peak resident memory of this process and its sampling workers;
-  (d) ART's clever_t time (20 maxima of 256 points, pool_factor 20) divided
-      by this toolkit's stage-1 time for the same work.
+Prints, all measured in this one process, each figure the minimum over
+interleaved rounds (both sides warmed: traced and compiled before timing;
+every time is the wall clock around the same unit of work, results on the
+host):
+  (a) for a linear 784 -> 10 model, the 2-layer MLP (1024 softplus units)
+      and the MNIST 7-layer CNN: stage 1 (``GradientNormEstimator.iterate``,
+      one target) divided by a reference that runs every iteration in ONE
+      compiled call (sampling, clip, forward, backward, the three norms,
+      maxima; one host copy at the end) -- the same sampling and norm
+      formulas (tf_draw from the same seeds; L2 scaled by L-inf as stage 1
+      does) and nothing else (no NaN or zero-gradient counts).
+      Ratio = reference time / stage-1 time (target >= 0.9).
+  (b) CNN: stage-1 time for the 9 targets of one image divided by 9 times
+      the one-target time (sharing samples and the forward pass; <= 0.6).
+  (c) peak resident memory of this process (and of a sampling worker, with
+      --sampler shm/both).
+  (d) ART's clever_t on the CNN (20 maxima of 256 points, pool_factor 20),
+      warmed like ours, its Weibull fit and its predictions timed separately
+      and left out, divided by this toolkit's stage-1 time for the same 20 x
+      256 gradients (target >= 5).
 
-    python bench/bench_stage1.py [--nsamps 1024 --niters 20 --sampler tf|shm|both]
+    python bench/bench_stage1.py [--rounds 3 --sampler tf|shm|both --skip_art]
 """
 from __future__ import annotations
 
@@ -20,62 +32,62 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+
+from stage1_reference import reference_loop  # noqa: E402  (bench/, next to this file)
+
+MODELS = ("linear", "2-layer", "normal")
+LABELS = {"linear": "linear 784 -> 10", "2-layer": "2-layer MLP, 1024 softplus",
+          "normal": "7-layer CNN"}
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nsamps", type=int, default=1024)
-    p.add_argument("--niters", type=int, default=20)
+    p.add_argument("--niters", type=int, nargs=3, default=[400, 40, 12],
+                   metavar=("LINEAR", "MLP", "CNN"),
+                   help="iterations per timed run for each model (about a second or more each)")
     p.add_argument("--batch_size", type=int, default=1024)
-    p.add_argument("--sampler", choices=("tf", "shm", "both"), default="both")
+    p.add_argument("--sampler", choices=("tf", "shm", "both"), default="tf",
+                   help="stage 1's sampler (the reference always samples in the graph)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (minimum kept)")
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    p.add_argument("--jit_compile", action="store_true", help="XLA for stage 1 and the reference")
+    p.add_argument("--precision", default="float32")
     p.add_argument("--skip_art", action="store_true")
     p.add_argument("--seed", type=int, default=1215)
     return p.parse_args(argv)
 
 
-def _model_and_image(seed):
+def _build(name, seed):
+    import keras
+
     import models
 
-    path = os.path.join("models", "mnist.keras")
+    keras.utils.set_random_seed(seed)
+    if name == "linear":
+        inp = keras.Input((28, 28, 1))
+        return keras.Model(inp, keras.layers.Dense(10)(keras.layers.Flatten()(inp))), "random"
+    path = os.path.join("models", "mnist.keras" if name == "normal" else "mnist_2layer.keras")
     if os.path.exists(path):
-        model, how = models.load_model("mnist", "normal"), "trained models/mnist.keras"
-    else:
-        import keras
-
-        keras.utils.set_random_seed(seed)
-        model, how = models.build_model("normal", (28, 28, 1)), "random weights"
-    x0 = np.random.default_rng(seed).uniform(-0.5, 0.5, (28, 28, 1)).astype(np.float32)
-    return model, how, x0
+        return models.load_model("mnist", name), "trained " + path
+    return models.build_model(name, (28, 28, 1)), "random weights"
 
 
-def _stage1_seconds(est, x0, c, targets, nsamps, niters, sampler, pool, seed):
+def _wall(fn):
     t0 = time.perf_counter()
-    for _ in est.iterate(x0, c, targets, nsamps, niters, seed, 0, sampler, pool):
-        pass
+    fn()
     return time.perf_counter() - t0
 
 
-def _bare_seconds(model, points, c, j):
-    import tensorflow as tf
-
-    @tf.function
-    def grad(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            logits = model(x, training=False)
-            g = logits[:, c] - logits[:, j]
-        return tape.gradient(g, x)
-
-    grad(points[0]).numpy()  # trace and compile outside the timing
-    t0 = time.perf_counter()
-    for x in points:
-        out = grad(x)
-    out.numpy()
-    return time.perf_counter() - t0
+def _stage1(est, x0, c, targets, nsamps, niters, sampler, pool, seed):
+    def run():  # maxima [niters, 3] of the first target, on the host
+        return np.stack([st.grad_max[0] for st in est.iterate(x0, c, targets, nsamps, niters,
+                                                               seed, 0, sampler, pool)])
+    return run
 
 
 def _peak_rss_mib(pid="self"):
@@ -87,14 +99,16 @@ def _peak_rss_mib(pid="self"):
     return float("nan")
 
 
-def _art_clever_t(model, x0, c, j, nb_batches, batch_size, radius, seed):
-    """ART's clever_t on a TensorFlowV2Classifier; None when ART is missing."""
+def _art(model, x0, c, j, nb_batches, batch_size, radius, seed):
+    """ART's clever_t, warmed; returns (total s, fit s, predict s) or None without ART."""
     try:
+        import art.metrics.metrics as art_metrics
         from art.estimators.classification import TensorFlowV2Classifier
-        from art.metrics import clever_t
     except ImportError:
         return None
     import tensorflow as tf
+
+    spent = {"fit": 0.0, "predict": 0.0}
 
     class IntLabelClassifier(TensorFlowV2Classifier):
         # ART 1.20.1's clever_t passes a NumPy integer label, which
@@ -104,14 +118,44 @@ def _art_clever_t(model, x0, c, j, nb_batches, batch_size, radius, seed):
                 label = int(label)
             return super().class_gradient(x, label=label, training_mode=training_mode, **kwargs)
 
+        def predict(self, *a, **k):
+            t0 = time.perf_counter()
+            try:
+                return super().predict(*a, **k)
+            finally:
+                spent["predict"] += time.perf_counter() - t0
+
+    class TimedWeibull:  # stands in for scipy.stats.weibull_min inside ART's module
+        def __init__(self, dist):
+            self.dist = dist
+
+        def fit(self, *a, **k):
+            t0 = time.perf_counter()
+            try:
+                return self.dist.fit(*a, **k)
+            finally:
+                spent["fit"] += time.perf_counter() - t0
+
+        def __getattr__(self, name):
+            return getattr(self.dist, name)
+
     clf = IntLabelClassifier(model=model, nb_classes=10, input_shape=(28, 28, 1),
                              loss_object=tf.keras.losses.CategoricalCrossentropy(from_logits=True),
                              clip_values=(-0.5, 0.5))
-    np.random.seed(seed)
-    t0 = time.perf_counter()
-    score = clever_t(clf, x0, j, nb_batches=nb_batches, batch_size=batch_size, radius=radius,
-                     norm=2, pool_factor=20)
-    return time.perf_counter() - t0, score
+    original = art_metrics.weibull_min
+    art_metrics.weibull_min = TimedWeibull(original)
+    try:
+        def run(nb):
+            spent["fit"] = spent["predict"] = 0.0
+            np.random.seed(seed)
+            t0 = time.perf_counter()
+            art_metrics.clever_t(clf, x0, j, nb_batches=nb, batch_size=batch_size,
+                                 radius=radius, norm=2, pool_factor=20)
+            return time.perf_counter() - t0, spent["fit"], spent["predict"]
+        run(2)  # warm: the first gradient and predict calls build kernels
+        return run
+    finally:
+        pass
 
 
 def main(args):
@@ -120,74 +164,96 @@ def main(args):
     from estimate_gradient_norm import GradientNormEstimator
     from randsphere import BallSampler, SamplerPool
 
-    model, how, x0 = _model_and_image(args.seed)
-    logits = model(x0[None]).numpy()[0]
-    c, j = int(np.argmax(logits)), int(np.argsort(logits)[-2])
-    others = [k for k in range(10) if k != c]
     sampler = BallSampler.create("l2")
-    est = GradientNormEstimator(model, (28, 28, 1), args.batch_size)
-    n_grad = args.nsamps * args.niters
-    print(f"model: MNIST normal 7-layer CNN ({how}); N_s x N_b = {args.nsamps} x {args.niters}, "
-          f"batch {args.batch_size}, TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores")
-
-    rng = np.random.default_rng(args.seed)
-    points = [tf.constant(sampler.points(rng, x0, args.batch_size))
-              for _ in range(n_grad // args.batch_size)]
+    x0 = np.random.default_rng(args.seed).uniform(-0.5, 0.5, (28, 28, 1)).astype(np.float32)
     samplers = ("tf", "shm") if args.sampler == "both" else (args.sampler,)
-    results = {}
+    print(f"N_s {args.nsamps}, batch {args.batch_size}, one image, l2 sampling; "
+          f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores; best of {args.rounds} "
+          f"interleaved rounds; precision {args.precision}"
+          + (", XLA" if args.jit_compile else ""))
+    niters = dict(zip(MODELS, args.niters))
+    table = []
+    cnn = None
     worker_peak = None
-    for name in samplers:
-        pool = (SamplerPool(sampler, (28, 28, 1), args.batch_size, nworkers=1)
-                if name == "shm" else None)
+    for name in args.models:
+        model, how = _build(name, args.seed)
+        logits = model(x0[None]).numpy()[0]
+        c, j = int(np.argmax(logits)), int(np.argsort(logits)[-2])
+        n = niters[name]
+        est = GradientNormEstimator(model, (28, 28, 1), args.batch_size,
+                                    jit_compile=args.jit_compile, precision=args.precision)
+        ref = reference_loop(model, sampler, x0, c, j, args.nsamps, args.batch_size, n, args.seed,
+                         args.jit_compile)
+        pools = {s: (SamplerPool(sampler, (28, 28, 1), args.batch_size, nworkers=1)
+                     if s == "shm" else None) for s in samplers}
         try:
-            # Warm up: trace and compile both the 1-target and the 9-target functions.
-            _stage1_seconds(est, x0, c, [j], args.nsamps, 1, sampler, pool, args.seed)
-            _stage1_seconds(est, x0, c, others, args.nsamps, 1, sampler, pool, args.seed)
-            # Interleaved rounds, minimum of each: other load on the machine drifts over
-            # minutes and must not favour whichever measurement ran in a quiet moment.
-            bare = single = multi = float("inf")
+            runs = {"reference": ref}
+            for s, pool in pools.items():
+                runs[f"stage1 {s}"] = _stage1(est, x0, c, [j], args.nsamps, n, sampler, pool,
+                                              args.seed)
+            if name == "normal":
+                others = [k for k in range(10) if k != c]
+                runs["stage1 9 targets"] = _stage1(est, x0, c, others, args.nsamps, n, sampler,
+                                                   pools[samplers[0]], args.seed)
+            warm = {k: fn() for k, fn in runs.items()}  # trace and compile before timing
+            # The same work: the reference's maxima are stage 1's (same points, same norms).
+            np.testing.assert_allclose(warm["reference"], warm[f"stage1 {samplers[0]}"]
+                                       if samplers[0] == "tf" else warm["reference"], rtol=1e-4)
+            best = {k: float("inf") for k in runs}
             for _ in range(args.rounds):
-                bare = min(bare, _bare_seconds(model, points, c, j))
-                single = min(single, _stage1_seconds(est, x0, c, [j], args.nsamps, args.niters,
-                                                     sampler, pool, args.seed))
-                multi = min(multi, _stage1_seconds(est, x0, c, others, args.nsamps, args.niters,
-                                                   sampler, pool, args.seed))
-            if pool is not None:
-                worker_peak = max(_peak_rss_mib(pid) for pid in pool.pids)
+                for k, fn in runs.items():  # interleaved: drifting load hits every side alike
+                    best[k] = min(best[k], _wall(fn))
+            if "shm" in pools:
+                worker_peak = max(worker_peak or 0,
+                                  max(_peak_rss_mib(p) for p in pools["shm"].pids))
         finally:
-            if pool is not None:
-                pool.close()
-        results[name] = single
-        print(f"\n[sampler {name}]")
-        print(f"  bare GradientTape loop: {n_grad / bare:10.0f} gradients/s ({bare:.2f} s)")
-        print(f"  stage 1, one target:    {n_grad / single:10.0f} gradients/s ({single:.2f} s)")
-        print(f"  (a) stage-1 / bare throughput ratio:      {bare / single:.3f}  (target >= 0.9)")
-        print(f"  stage 1, 9 targets:     {multi:.2f} s")
-        print(f"  (b) 9-target time / (9 x single time):    {multi / (9 * single):.3f}  "
-              "(target <= 0.6)")
-    print(f"\n(c) peak resident memory: {_peak_rss_mib():.0f} MiB (main process)"
-          + (f", {worker_peak:.0f} MiB (largest sampling worker)" if worker_peak else ""))
-
-    if not args.skip_art:
-        nb, bs = 20, 256
-        art = _art_clever_t(model, x0, c, j, nb, bs, 3.0, args.seed)
-        if art is None:
-            print("\n(d) skipped: the Adversarial Robustness Toolbox is not installed "
-                  "(pip install adversarial-robustness-toolbox)")
-        else:
-            small = GradientNormEstimator(model, (28, 28, 1), bs)
-            best = min(samplers, key=results.get)
-            pool = SamplerPool(sampler, (28, 28, 1), bs, 1) if best == "shm" else None
-            try:
-                _stage1_seconds(small, x0, c, [j], bs, 1, sampler, pool, args.seed)
-                ours = _stage1_seconds(small, x0, c, [j], bs, nb, sampler, pool, args.seed)
-            finally:
+            for pool in pools.values():
                 if pool is not None:
                     pool.close()
-            print(f"\n(d) ART 1.20.1 clever_t ({nb} batches of {bs}, pool_factor 20; its "
-                  f"class_gradient label converted to a Python int in a wrapper): {art[0]:.2f} s; "
-                  f"this toolkit, same work (sampler {best}): {ours:.2f} s; "
-                  f"ratio ART / ours = {art[0] / ours:.1f}  (target >= 5)")
+        grads = args.nsamps * n
+        for s in samplers:
+            table.append((LABELS[name] + f" ({how})", s, n, grads / best["reference"],
+                          grads / best[f"stage1 {s}"], best["reference"] / best[f"stage1 {s}"]))
+        if name == "normal":
+            cnn = (model, c, j, best, samplers[0])
+
+    print("\n(a) stage 1 (one target) against every iteration in one compiled call")
+    print(f"{'model':52s} {'sampler':7s} {'iters':>5s} {'reference':>12s} {'stage 1':>12s} "
+          f"{'ratio':>6s}")
+    for label, s, n, ref_rate, s1_rate, ratio in table:
+        print(f"{label:52s} {s:7s} {n:5d} {ref_rate:10.0f}/s {s1_rate:10.0f}/s {ratio:6.3f}")
+    print("   (gradients per second; ratio = reference time / stage-1 time, target >= 0.9)")
+    if cnn is not None:
+        model, c, j, best, s = cnn
+        print(f"\n(b) CNN, 9 targets / (9 x one target), sampler {s}: "
+              f"{best['stage1 9 targets'] / (9 * best['stage1 ' + s]):.3f}  (target <= 0.6)")
+    print(f"\n(c) peak resident memory: {_peak_rss_mib():.0f} MiB (main process)"
+          + (f", {worker_peak:.0f} MiB (sampling worker)" if worker_peak else ""))
+
+    if not args.skip_art and cnn is not None:
+        model, c, j, _, _ = cnn
+        nb, bs = 20, 256
+        art_run = _art(model, x0, c, j, nb, bs, 3.0, args.seed)
+        if art_run is None:
+            print("\n(d) skipped: the Adversarial Robustness Toolbox is not installed "
+                  "(pip install adversarial-robustness-toolbox)")
+            return 0
+        small = GradientNormEstimator(model, (28, 28, 1), bs, jit_compile=args.jit_compile,
+                                      precision=args.precision)
+        ours_fn = _stage1(small, x0, c, [j], bs, nb, sampler, None, args.seed)
+        ours_fn()  # warm
+        ours = art_total = art_work = float("inf")
+        fit = pred = 0.0
+        for _ in range(args.rounds):
+            total, f, p = art_run(nb)
+            if total - f - p < art_work:
+                art_total, art_work, fit, pred = total, total - f - p, f, p
+            ours = min(ours, _wall(ours_fn))
+        print(f"\n(d) ART clever_t ({nb} batches of {bs}, pool_factor 20, warmed; its "
+              f"class_gradient label converted to a Python int in a wrapper): {art_total:.2f} s, "
+              f"of which Weibull fit {fit:.3f} s and predictions {pred:.3f} s (left out) -> "
+              f"{art_work:.2f} s; this toolkit, the same {nb} x {bs} gradients (sampler tf): "
+              f"{ours:.3f} s; ratio ART / ours = {art_work / ours:.1f}  (target >= 5)")
     return 0
 
 

@@ -51,9 +51,9 @@ def test_slope_estimates_lipschitz_below_the_gradient_norm(baseline):
     assert slope_bound > grad_bound > 0
     for g, s in zip(grad.files, slope.files):
         assert s.scores[Norm.L2].key == "L2_max" and g.scores[Norm.L2].key == "G2_max"
-        # Mean value theorem on the (convex) sampling ball: a slope never exceeds the
-        # largest gradient norm sampled.
-        assert s.file.maxima[Norm.L2].max() <= g.file.maxima[Norm.L2].max() * 1.001
+        # No per-file order between the maxima: a slope is bounded by the gradient norm
+        # somewhere on its segment, not at a sampled point (mean value theorem).
+        assert np.all(np.isfinite(s.file.maxima[Norm.L2])) and s.file.maxima[Norm.L2].min() > 0
 
 
 def test_order2_bounds_on_the_tanh_model_are_finite_and_positive(digits_tanh_dir, tmp_path):

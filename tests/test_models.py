@@ -278,15 +278,17 @@ def test_wrong_output_or_input_shape_is_a_tool_error(tmp_path):
         models.load_model("mnist", model_path=str(tmp_path / "nothing.keras"))
 
 
-def test_probability_outputs_are_warned_about(tmp_path, caplog):
+def test_a_final_softmax_is_removed_and_the_logits_scored(tmp_path, caplog):
     import keras
 
     base = models.build_model("2-layer", (28, 28, 1))
-    probs = keras.Model(base.input, keras.layers.Softmax()(base.output))
+    probs = keras.Model(base.input, keras.layers.Softmax(name="probs")(base.output))
     models.save_model(probs, str(tmp_path / "probs.keras"))
     with caplog.at_level("WARNING", logger="clever.models"):
-        models.load_model("mnist", model_path=str(tmp_path / "probs.keras"))
-    assert "CLEVER needs logits" in caplog.text
+        model = models.load_model("mnist", model_path=str(tmp_path / "probs.keras"))
+    assert "'probs'" in caplog.text and "logits" in caplog.text
+    x = np.random.default_rng(1).uniform(-0.5, 0.5, (3, 28, 28, 1)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(base(x)), rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------
@@ -294,7 +296,7 @@ def test_probability_outputs_are_warned_about(tmp_path, caplog):
 # --------------------------------------------------------------------------
 def test_nlayer_cnn_is_the_normal_model_and_names_agree():
     args = train_nlayer.parse_args(["--model", "mnist", "--modeltype", "cnn", "--activation", "tanh",
-                                    "32", "32", "64", "64", "200", "200"])
+                                    "--models_dir", "models", "32", "32", "64", "64", "200", "200"])
     assert train_nlayer.model_file(args) == models.models_path("mnist", "normal", "tanh")
     built = train_nlayer.build(args, (28, 28, 1))
     reference = models.build_model("normal", (28, 28, 1), activation="tanh")
@@ -304,7 +306,8 @@ def test_nlayer_cnn_is_the_normal_model_and_names_agree():
     assert acts == {"tanh"}
 
     args = train_nlayer.parse_args(["--model", "cifar", "--modeltype", "mlp", "1024", "512"])
-    assert train_nlayer.model_file(args) == os.path.join("models", "cifar_mlp_3layer_relu.keras")
+    # The original's default folder models_training/
+    assert train_nlayer.model_file(args) == os.path.join("models_training", "cifar_mlp_3layer_relu.keras")
     mlp = train_nlayer.build(args, (32, 32, 3))
     assert [s for s in weight_shapes(mlp) if len(s) == 2] == [(3072, 1024), (1024, 512), (512, 10)]
 
@@ -313,8 +316,8 @@ def test_nlayer_activation_choices_match_models():
     assert tuple(train_nlayer.ACTIVATION_NAMES) == tuple(models.ACTIVATIONS)
 
 
-def test_nlayer_weight_decay_is_an_l2_penalty():
-    args = train_nlayer.parse_args(["--model", "digits", "--modeltype", "mlp", "--wd", "0.01", "16"])
+def test_nlayer_kernel_l2_is_an_l2_penalty():
+    args = train_nlayer.parse_args(["--model", "digits", "--modeltype", "mlp", "--kernel_l2", "0.01", "16"])
     model = train_nlayer.build(args, (28, 28, 1))
     assert len(model.losses) == 2  # one L2 term per kernel (hidden and output layer)
     kernel = model.layers[2].kernel.numpy()
@@ -344,10 +347,29 @@ def test_nlayer_trains_saves_and_refuses_to_overwrite(tmp_path, capsys):
     assert path.read_bytes() == before
 
 
+def test_nlayer_defaults_and_flags_as_the_original():
+    args = train_nlayer.parse_args(["--model", "mnist", "10"])
+    # The original: mlp, SGD lr 0.01 with decay (--wd) 1e-5, 50 epochs, batches of 256, models_training/
+    assert (args.modeltype, args.optimizer, args.lr, args.wd, args.epochs, args.batch_size) == \
+        ("mlp", "sgd", 0.01, 1e-5, 50, 256)
+    assert args.models_dir == "models_training"
+    args = train_nlayer.parse_args(["--model", "mnist", "--optimizer", "adam", "10"])
+    assert (args.lr, args.wd) == (0.001, 0.0)
+    args = train_nlayer.parse_args(["--model", "mnist", "--modelpath", "zoo", "--wd", "0.5", "10"])
+    assert train_nlayer.model_file(args) == os.path.join("zoo", "mnist_mlp_2layer_relu.keras")
+    # --wd is the original's learning-rate decay: lr / (1 + wd * t) after t batches.
+    opt = train_nlayer.make_optimizer(args, 100)
+    assert float(opt.learning_rate) == pytest.approx(0.01)
+    opt.iterations.assign(4)
+    assert float(opt._get_current_learning_rate()) == pytest.approx(0.01 / (1 + 0.5 * 4))
+    args = train_nlayer.parse_args(["--model", "mnist", "--modelfile", "my/net", "10"])
+    assert train_nlayer.model_file(args) == "my/net.keras"
+
+
 @pytest.mark.parametrize("argv, fragment", [
-    (["--dense", "3", "32", "10"], "--dense 3"),
+    (["--modeltype", "cnn", "--dense", "3", "32", "10"], "--dense 3"),
     (["--modeltype", "mlp", "--epochs", "0", "10"], "--epochs must be positive"),
-    (["--modeltype", "mlp", "--lr", "-1", "10"], "--lr must be positive"),
+    (["--modeltype", "mlp", "--lr", "-0.5", "10"], "--lr must be positive"),
     (["--modeltype", "mlp", "--wd", "-0.1", "10"], "--wd must be non-negative"),
     (["--model", "digits", "32", "0", "10"], "layer size must be positive"),
 ])

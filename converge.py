@@ -1,0 +1,289 @@
+"""Early stopping of stage 1 once the Lipschitz estimates have converged (--converge).
+
+Stage 1 spends nearly all of its time drawing N_b batches of N_s gradients per
+image, while the paper notes that 50 to 100 batches are usually enough. This
+module decides, from the batch maxima collected so far, when the stage-2
+estimates of an image no longer move, so that stage 1 can stop the image early.
+
+:class:`ConvergenceRule` is the rule (a frozen, hashable configuration); the
+rule itself is pure: :meth:`ConvergenceRule.check` takes the maxima of one image
+and the earlier checks, fits stage 2's reverse Weibull (its default method, in
+this process) to every (target, norm) column and returns a :class:`Check`
+record. :func:`make_stop_rule` wraps a rule into the ``stop_rule(iteration_done,
+grad_so_far) -> (stop, check_record)`` callable of ``stage1.score_image``, which
+keeps the history of one image.
+
+The rule (all of it must hold at a check, for every (target, norm) column):
+
+* at least ``min_iters`` batches have been collected (checks before are skipped);
+* the fitted estimate moved by less than ``tol`` (relative) since the previous
+  check, at each of the last ``stable_checks`` checks;
+* the fit is accepted: its K-S p-value is above ``min_pvalue``, or the column is
+  degenerate (one value, e.g. a linear model, whose maximum is exact).
+
+NumPy/SciPy only (no TensorFlow import).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from common import ToolError
+
+try:  # stage 2's fit; older trees had it in clever.py, without ``penalize``
+    from weibull_fit import FitStatus, fit_reverse_weibull
+    _HAS_PENALIZE = True
+except ImportError:  # pragma: no cover - depends on the tree's state
+    from clever import FitStatus, fit_reverse_weibull
+    _HAS_PENALIZE = False
+
+#: Default minimum K-S p-value of an accepted fit (the issue's 0.05).
+MIN_PVALUE = 0.05
+
+#: Statuses whose estimate is exact without a fit (the p-value does not apply).
+_EXACT = (FitStatus.DEGENERATE, FitStatus.ALL_ZERO)
+
+
+@dataclass(frozen=True)
+class ConvergenceRule:
+    """When to stop sampling one image: see the module docstring.
+
+    ``tol``: largest relative change of every estimate between consecutive
+    checks (e.g. 0.01 for 1%). ``min_iters``: batches before the first check;
+    ``check_every``: batches between checks (checks fall on iterations that are
+    multiples of ``check_every`` and at least ``min_iters``).
+    ``stable_checks``: how many consecutive checks must each show a change below
+    ``tol``. ``min_pvalue``: smallest K-S p-value of an accepted fit.
+    ``method``, ``shape_reg`` and ``penalize``: stage 2's fit (its defaults).
+    """
+
+    tol: float
+    min_iters: int = 50
+    check_every: int = 25
+    stable_checks: int = 1
+    min_pvalue: float = MIN_PVALUE
+    method: str = "mle_reg"
+    shape_reg: float = 0.01
+    penalize: str = "scale"
+
+    def __post_init__(self):
+        if not (math.isfinite(self.tol) and self.tol > 0):
+            raise ToolError(f"--converge: the tolerance must be a positive number, not {self.tol}")
+        if not (isinstance(self.min_iters, (int, np.integer)) and self.min_iters >= 1):
+            raise ToolError(f"--min_iters: must be a positive integer, not {self.min_iters}")
+        if not (isinstance(self.check_every, (int, np.integer)) and self.check_every >= 1):
+            raise ToolError(f"--check_every: must be a positive integer, not {self.check_every}")
+        if not (isinstance(self.stable_checks, (int, np.integer)) and self.stable_checks >= 1):
+            raise ToolError(f"stable_checks: must be a positive integer, not {self.stable_checks}")
+        if not 0.0 <= self.min_pvalue < 1.0:
+            raise ToolError(f"min_pvalue: must be in [0, 1), not {self.min_pvalue}")
+
+    def is_check_point(self, iteration_done: int) -> bool:
+        """True when a check is due after ``iteration_done`` batches."""
+        return iteration_done >= self.min_iters and iteration_done % self.check_every == 0
+
+    def first_check(self) -> int:
+        """The number of batches at the first check (the first multiple of
+        ``check_every`` that is at least ``min_iters``)."""
+        return -(-self.min_iters // self.check_every) * self.check_every
+
+    def earliest_stop(self) -> int:
+        """The fewest batches after which the rule can stop (it needs
+        ``stable_checks`` changes, so ``stable_checks + 1`` checks)."""
+        return self.first_check() + self.stable_checks * self.check_every
+
+    def check(self, iteration_done: int, maxima: np.ndarray,
+              history: Sequence["Check"] = ()) -> "Check":
+        """Fit every column of ``maxima`` and decide whether to stop.
+
+        ``maxima``: [it, T, K] float batch maxima collected so far for T targets
+        and K norms (K = 3 gradient L1, L2, L-inf; 1 for order 2), or [it] / [it, T]
+        (a single norm / target); only its first ``iteration_done`` rows are used.
+        ``history``: the earlier checks of the same image, oldest first.
+        Returns the :class:`Check` (estimates and p-values [T, K]) whose ``stop``
+        says whether sampling can end.
+        """
+        m = _as_3d(maxima)[:iteration_done]
+        if m.shape[0] < iteration_done:
+            raise ValueError(f"maxima has {m.shape[0]} rows, fewer than the {iteration_done} "
+                             "iterations done")
+        estimates, pvalues, exact = self.fit_columns(m)
+        return self.decide(iteration_done, estimates, pvalues, exact, history)
+
+    def fit_columns(self, maxima: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Stage 2's fit of every column of ``maxima`` [it, T, K].
+
+        Returns (estimates, p-values, exact), each [T, K]: Lipschitz estimates,
+        K-S p-values (-1 without a fit) and whether the estimate is exact without
+        a fit (degenerate or all-zero column)."""
+        m = _as_3d(maxima)
+        n_t, n_k = m.shape[1:]
+        estimates = np.full((n_t, n_k), np.nan)
+        pvalues = np.full((n_t, n_k), np.nan)
+        exact = np.zeros((n_t, n_k), bool)
+        for t in range(n_t):
+            for k in range(n_k):
+                fit = self.fit(m[:, t, k])
+                estimates[t, k] = fit.estimate
+                pvalues[t, k] = fit.pval
+                exact[t, k] = fit.status in _EXACT
+        return estimates, pvalues, exact
+
+    def decide(self, iteration_done: int, estimates: np.ndarray, pvalues: np.ndarray,
+               exact: np.ndarray, history: Sequence["Check"] = ()) -> "Check":
+        """The rule's decision from fitted columns ([T, K] arrays of :meth:`fit_columns`)
+        and the earlier checks (pure; :meth:`check` = fit_columns + decide)."""
+        estimates = np.asarray(estimates, np.float64)
+        pvalues = np.asarray(pvalues, np.float64)
+        accepted = np.asarray(exact, bool) | (pvalues > self.min_pvalue)  # NaN never accepted
+        change = np.full(estimates.shape, np.inf)
+        if history:
+            change = relative_change(estimates, history[-1].estimates)
+        stable = bool(np.all(change < self.tol))
+        # Stop after ``stable_checks`` consecutive stable checks, this one included,
+        # with every fit accepted now.
+        need = self.stable_checks - 1
+        previous = list(history[-need:]) if need else []
+        enough = len(previous) == need and all(c.stable for c in previous)
+        stop = (iteration_done >= self.min_iters and stable and enough
+                and bool(np.all(accepted)))
+        return Check(iteration=int(iteration_done), estimates=estimates, pvalues=pvalues,
+                     change=change, accepted=accepted, stable=stable, stop=stop)
+
+    def fit(self, samples: np.ndarray):
+        """Stage 2's fit of one column of maxima with this rule's settings."""
+        extra = {"penalize": self.penalize} if _HAS_PENALIZE else {}
+        return fit_reverse_weibull(samples, method=self.method, shape_reg=self.shape_reg,
+                                   **extra)
+
+    def to_dict(self) -> dict:
+        """The rule's parameters (JSON-ready), for provenance."""
+        return asdict(self)
+
+
+def relative_change(new: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """|new - old| / |old| elementwise; 0 where both are equal (0 -> 0 included),
+    +inf where old is 0 and new is not or either is NaN."""
+    new = np.asarray(new, np.float64)
+    old = np.asarray(old, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.abs(new - old) / np.abs(old)
+    out = np.where(new == old, 0.0, out)
+    return np.where(np.isfinite(out), out, np.inf)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check of an image: ``estimates``, ``pvalues``, ``change`` and
+    ``accepted`` are [T, K] (Lipschitz estimates in the units of the maxima,
+    K-S p-values (-1 without a fit), relative change since the previous check
+    (inf at the first), fit accepted); ``stable``: every change below tol;
+    ``stop``: the rule says stop after ``iteration`` batches."""
+
+    iteration: int
+    estimates: np.ndarray
+    pvalues: np.ndarray
+    change: np.ndarray
+    accepted: np.ndarray
+    stable: bool
+    stop: bool
+
+    def to_record(self) -> dict:
+        """A JSON-ready dict (NaN and inf become None) for files' provenance."""
+        return {"iteration": self.iteration, "estimates": _jsonable(self.estimates),
+                "pvalues": _jsonable(self.pvalues), "change": _jsonable(self.change),
+                "stable": self.stable, "stop": self.stop}
+
+
+def _jsonable(a: np.ndarray) -> list:
+    return [[float(v) if math.isfinite(v) else None for v in row] for row in np.asarray(a)]
+
+
+def _as_3d(maxima: np.ndarray) -> np.ndarray:
+    m = np.asarray(maxima, dtype=np.float64)
+    if m.ndim == 1:
+        return m[:, None, None]
+    if m.ndim == 2:
+        return m[:, :, None]
+    if m.ndim != 3:
+        raise ValueError(f"maxima must be [it], [it, T] or [it, T, K], not shape {m.shape}")
+    return m
+
+
+@dataclass
+class Monitor:
+    """The checks of one image under a rule (the state that the rule does not keep)."""
+
+    rule: ConvergenceRule
+    checks: list[Check] = field(default_factory=list)
+
+    def __call__(self, iteration_done: int, grad_so_far: np.ndarray) -> tuple[bool, dict | None]:
+        """The ``stop_rule`` of ``stage1.score_image``: ``grad_so_far`` [it, T, K]."""
+        if not self.rule.is_check_point(iteration_done):
+            return False, None
+        check = self.rule.check(iteration_done, grad_so_far, self.checks)
+        self.checks.append(check)
+        return check.stop, check.to_record()
+
+
+def make_stop_rule(rule: ConvergenceRule) -> Callable[[int, np.ndarray], tuple[bool, dict | None]]:
+    """A fresh ``stop_rule(iteration_done, grad_so_far) -> (stop, check_record)`` for
+    ONE image (it remembers that image's earlier checks; make one per image)."""
+    return Monitor(rule)
+
+
+def simulate(rule: ConvergenceRule, maxima: np.ndarray) -> tuple[int, list[Check]]:
+    """Apply ``rule`` to a complete stream ``maxima`` [N_b, T, K] as stage 1 would.
+
+    Returns (batches used, the checks). Batch i of a stage-1 run depends only on
+    (seed, image, i), so an early-stopped run's maxima are the first ``used`` rows
+    of the full run's: this replays the rule on a full run without sampling again.
+    """
+    m = _as_3d(maxima)
+    monitor = Monitor(rule)
+    for it in range(1, m.shape[0] + 1):
+        stop, _ = monitor(it, m[:it])
+        if stop:
+            return it, monitor.checks
+    return m.shape[0], monitor.checks
+
+
+def provenance(rule: ConvergenceRule | None, niters_used: int, niters: int,
+               checks: Sequence[dict] = ()) -> dict:
+    """Keys for a stage-1 file: ``Niters_used`` and, with a rule, ``converge_rule``
+    and ``converge_checks`` (JSON strings). Without a rule only ``Niters_used``."""
+    out = {"Niters_used": int(niters_used)}
+    if rule is not None:
+        out["converge_rule"] = json.dumps(rule.to_dict())
+        out["converge_checks"] = json.dumps(list(checks))
+        out["converge_stopped"] = int(niters_used < niters)
+    return out
+
+
+# --------------------------------------------------------------------------
+# Command-line flags, shared by collect_gradients.py and sweep.py
+# --------------------------------------------------------------------------
+def add_arguments(group) -> None:
+    """Add --converge, --min_iters and --check_every to an argparse group."""
+    d = ConvergenceRule(tol=0.01)
+    group.add_argument("--converge", type=float, default=None, metavar="TOL",
+                       help="stop an image early once every Lipschitz estimate (stage 2's fit, "
+                            "every target and norm) moved by less than TOL (relative, e.g. "
+                            f"0.01) between checks and its K-S p-value is above {d.min_pvalue:g}; "
+                            "default: off, all --Niters batches (the original)")
+    group.add_argument("--min_iters", type=int, default=d.min_iters,
+                       help="--converge: batches before the first check")
+    group.add_argument("--check_every", type=int, default=d.check_every,
+                       help="--converge: batches between checks")
+
+
+def rule_from_args(args) -> ConvergenceRule | None:
+    """The rule of the --converge flags (None without --converge); ToolError names a bad flag."""
+    if getattr(args, "converge", None) is None:
+        return None
+    return ConvergenceRule(tol=float(args.converge), min_iters=int(args.min_iters),
+                           check_every=int(args.check_every))

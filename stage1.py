@@ -1,0 +1,242 @@
+"""The per-image work of stage 1, shared by collect_gradients.py and sweep.py.
+
+One core, two drivers: :func:`score_image` runs the iterations of one image
+for all its pending targets and returns the per-target arrays;
+:func:`mat_record` turns one (image, target) result into every key of its
+``.mat`` file (SPEC section 3 plus this toolkit's provenance keys);
+:func:`plan_image_files` lists the files still to write. The drivers keep
+argument handling, printing and writing files.
+
+TensorFlow-free at import: the estimator is passed in, and
+``estimate_gradient_norm`` is imported only when an image is scored.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+
+import common
+from common import MatName
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from estimate_gradient_norm import IterationStats, TargetResult
+    from utils import ImageTask, Target
+
+log = logging.getLogger("clever.stage1")
+
+#: stop_rule(iterations_done, grad_so_far [it, T, 3 or 1]) -> (stop, check_record or None)
+StopRule = Callable[[int, np.ndarray], "tuple[bool, dict | None]"]
+
+
+@dataclass
+class ImageResult:
+    """Stage-1 output of one image: one :class:`TargetResult` per scored target.
+
+    ``results[k].grad_max``: [niters_used, 3] (order 2: [niters_used, 1]);
+    ``slope_max``: [niters_used, 3]; ``g_x0`` = f_c - f_j at the defended
+    point T(x0) (x0 without a transformation); ``seconds``: wall time of the
+    image. ``niters_used``: iterations run (fewer than asked when a stop rule
+    stopped early). ``checks``: the stop rule's records, in order.
+    ``grad_x0_norms``: [T, 3] gradient L1, L2, L-inf norms of g_j at the
+    defended point (order 2 only, else None).
+    """
+
+    results: list
+    niters_used: int
+    checks: list = field(default_factory=list)
+    grad_x0_norms: np.ndarray | None = None
+
+
+def _iterate_kwargs(estimator, sync_every: int | None) -> dict:
+    """``sync_every`` only for an estimator whose iterate() takes it."""
+    if sync_every is None:
+        return {}
+    try:
+        params = inspect.signature(estimator.iterate).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a C-level callable
+        return {}
+    return {"sync_every": int(sync_every)} if "sync_every" in params else {}
+
+
+def score_image(estimator, sampler, pool, task: "ImageTask", targets: Sequence["Target"],
+                x_model: np.ndarray, *, nsamps: int, niters: int, seed: int, order: int,
+                on_iteration: Callable[["IterationStats"], None] | None = None,
+                stop_rule: StopRule | None = None,
+                check_every: int | None = None) -> ImageResult:
+    """Run the iterations of one image for ``targets`` and collect the per-target maxima.
+
+    Args:
+        estimator: an ``estimate_gradient_norm.GradientNormEstimator``.
+        sampler: the ``randsphere.BallSampler`` of the run.
+        pool: a ``randsphere.SamplerPool`` (points and transformation drawn
+            in worker processes) or None (points drawn in the graph).
+        task: the image (``utils.ImageTask``): its predicted class and the
+            logits at the defended point give g(x0).
+        targets: the targets to score (``utils.Target``), in file order.
+        x_model: float32 [*input_shape], the point the samples are drawn
+            around: the UNtransformed x0 (BPDA as the original: the model
+            sees T(clip(x0 + delta))).
+        nsamps, niters, seed: N_s, N_b (the maximum with a stop rule), --seed.
+        order: 1 (gradient norms) or 2 (curvature).
+        on_iteration: called with each ``IterationStats`` (printing, progress).
+        stop_rule: ``stop_rule(iterations_done, grad_so_far)`` with
+            grad_so_far float64 [iterations_done, T, 3] (order 2: [.., T, 1]),
+            called after every ``check_every`` iterations; returns
+            (stop, check_record or None). Stopping early keeps only the
+            iterations run.
+        check_every: iterations between stop-rule calls (needed with a rule).
+
+    Returns:
+        :class:`ImageResult` (pure: nothing printed, nothing written).
+    """
+    from estimate_gradient_norm import TargetResult
+
+    if stop_rule is not None and not (check_every and check_every > 0):
+        raise ValueError("score_image: a stop_rule needs a positive check_every")
+    labels = [int(t.label) for t in targets]
+    n_t = len(labels)
+    width = 3 if order == 1 else 1
+    grad = np.full((niters, n_t, width), np.nan)
+    slope = np.zeros((niters, n_t, 3))
+    nan_s = np.zeros(n_t, np.int64)
+    zero_s = np.zeros(n_t, np.int64)
+    nan_b = np.zeros(n_t, np.int64)
+    zero_b = np.zeros(n_t, np.int64)
+    checks: list[dict] = []
+    done = 0
+    t_img = time.time()
+    gen = estimator.iterate(x_model, task.predicted, labels, nsamps, niters, seed, task.img_id,
+                            sampler, pool,
+                            **_iterate_kwargs(estimator, check_every if stop_rule else None))
+    try:
+        for st in gen:
+            grad[st.iteration] = st.grad_max
+            if st.slope_max is not None:
+                slope[st.iteration] = st.slope_max
+            nan_s += st.nan
+            zero_s += st.zero
+            nan_b += st.nan > 0
+            zero_b += st.zero >= nsamps
+            done = st.iteration + 1
+            if on_iteration is not None:
+                on_iteration(st)
+            if stop_rule is not None and done % check_every == 0:
+                stop, record = stop_rule(done, grad[:done])
+                if record is not None:
+                    checks.append(record)
+                if stop:
+                    break
+    finally:
+        gen.close()  # an early stop: the pool's stream is closed, no work left queued
+    seconds = time.time() - t_img
+    grad_x0 = None
+    if order == 2:
+        # The gradient at the defended point, where g(x0) is taken (identity backward pass).
+        grad_x0 = estimator.gradient_norms_at(task.model_point, task.predicted, labels)
+    results = []
+    for k, label in enumerate(labels):
+        results.append(TargetResult(
+            label, float(task.logits[task.predicted] - task.logits[label]),
+            grad[:done, k], slope[:done, k], int(nan_b[k]), int(zero_b[k]), int(nan_s[k]),
+            int(zero_s[k]), seconds))
+    return ImageResult(results, done, checks, grad_x0)
+
+
+# --------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------
+def run_args(args) -> dict:
+    """The run's arguments as a MATLAB-storable dict (None becomes '')."""
+    out = {k: ("" if v is None else v) for k, v in vars(args).items() if k != "kinds"}
+    out["targets_resolved"] = ",".join(k.name.lower() for k in args.kinds)
+    return out
+
+
+def mat_record(args, task: "ImageTask", target: "Target", result: "TargetResult", path: str, *,
+               model_name: str, dim: int, radius: float, versions: dict,
+               grad_x0_norm: np.ndarray | None = None, extra: dict | None = None) -> dict:
+    """Every key of the ``.mat`` file of one (image, target).
+
+    SPEC section 3's keys (first order: G1_max, G2_max, Gi_max, L1_max,
+    L2_max, Li_max; second order: H2_max, g_x0_grad_2_norm; both: g_x0, pred,
+    id, true_label, target_label, info, args, path) and this toolkit's
+    provenance keys (radius, sampling, seed, counts of NaN/zero gradients,
+    precision, versions, Niters_used...). ``grad_x0_norm``: [3] gradient L1,
+    L2, L-inf norms at x0 (order 2). ``extra``: more keys, added last.
+    """
+    ras = run_args(args)
+    keys = {"g_x0": np.float64(result.g_x0), "pred": task.logits.astype(np.float32)[None, :],
+            "id": task.img_id, "true_label": task.true_label, "target_label": target.label,
+            "info": target.info, "args": ras, "path": path}
+    if args.order == 2:
+        g = np.asarray(grad_x0_norm, np.float64)
+        keys.update(H2_max=result.grad_max[:, 0], g_x0_grad_2_norm=np.float64(g[1]),
+                    g_x0_grad_1_norm=np.float64(g[0]), g_x0_grad_inf_norm=np.float64(g[2]))
+    else:
+        keys.update(G1_max=result.grad_max[:, 0], G2_max=result.grad_max[:, 1],
+                    Gi_max=result.grad_max[:, 2], L1_max=result.slope_max[:, 0],
+                    L2_max=result.slope_max[:, 1], Li_max=result.slope_max[:, 2])
+    keys.update({
+        "radius": float(radius), "sample_norm": args.sample_norm,
+        "uniform_ball": int(args.uniform_ball), "sampler": args.sampler, "seed": args.seed,
+        "Nsamps": args.Nsamps, "Niters": args.Niters, "Niters_used": int(len(result.grad_max)),
+        "batch_size": args.batch_size, "dim": dim, "order": args.order,
+        "transform": args.transform, "dataset": args.dataset, "model_name": model_name,
+        "precision": getattr(args, "precision", "float32"),
+        "jit_compile": int(bool(getattr(args, "jit_compile", False))),
+        "nan_batches": result.nan_batches, "zero_batches": result.zero_batches,
+        "nan_samples": result.nan_samples, "zero_samples": result.zero_samples,
+        "tool_version": versions.get("tool", ""), "tf_version": versions.get("tensorflow", ""),
+        "keras_version": versions.get("keras", ""), "numpy_version": versions.get("numpy", ""),
+        "provenance": json.dumps(common.provenance(ras, model_name=model_name, radius=radius)),
+    })
+    if extra:
+        keys.update(extra)
+    return keys
+
+
+def mat_path(args, out_dir: str, task: "ImageTask", target: "Target") -> str:
+    """``<out_dir>/<Nsamp>_<Niters>_<id>_<true>_<target>_<info>_<act>_order<k>.mat``."""
+    name = MatName(args.Nsamps, args.Niters, task.img_id, task.true_label, target.label,
+                   target.info, args.activation, args.order).filename()
+    return os.path.join(out_dir, name)
+
+
+def plan_image_files(args, tasks: Sequence["ImageTask"], out_dir: str) -> list:
+    """The pending work: [(task, [(target, path), ...]), ...] in task order.
+
+    A file already present is skipped unless ``args.overwrite``; images with
+    nothing left to do (and misclassified ones, which have no targets) are left out.
+    """
+    work = []
+    for task in tasks:
+        pending = []
+        for target in task.targets:
+            path = mat_path(args, out_dir, task, target)
+            if os.path.exists(path) and not getattr(args, "overwrite", False):
+                log.info("%s exists: skipped (use --overwrite to recompute)", path)
+                continue
+            pending.append((target, path))
+        if pending:
+            work.append((task, pending))
+    return work
+
+
+def pair_sequence(tasks: Sequence["ImageTask"]) -> dict:
+    """(img_id, target label, info) -> the pair's position from 0 over all (image, target) pairs.
+
+    The original's ``seq`` in ``[STATS][L1] total = ..., seq = ...``: pairs
+    whose files already exist keep their number.
+    """
+    out = {}
+    for task in tasks:
+        for target in task.targets:
+            out.setdefault((task.img_id, target.label, target.info), len(out))
+    return out

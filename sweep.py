@@ -1,0 +1,1206 @@
+#!/usr/bin/env python3
+"""CLEVER over a model zoo on a Ray cluster: stage 1 and stage 2 in one command.
+
+    python sweep.py -d digits --models normal,distilled,brelu,2-layer -n 100 \\
+        --targets top2,random,least -N 1024 -i 500 -s lipschitz_mat --out results/sweep
+
+Every flag of ``collect_gradients.py`` (data, images, targets, sampling,
+output) is accepted with the same name and meaning; ``--models`` replaces
+``--model_name``/``--model_path`` and takes a comma-separated list of zoo
+names, model names under ``--models_dir`` and model files (``.keras``,
+``.h5``, SavedModel folders, ``.pb``). ``--spec sweep.toml`` lists jobs that
+differ in data set, model or flags.
+
+How the work is spread (one core, two drivers: the per-image work is
+``stage1.score_image``, the same function ``collect_gradients.py`` runs):
+
+* One Ray actor per worker slot loads and compiles one model, then scores a
+  stream of (image, targets) tasks of that model. The driver hands a task to
+  an actor when it is free, so a slow image never idles the other actors;
+  an actor whose model has no work left is retired and its slot goes to the
+  next model.
+* Planning (which files are missing) needs the targets, i.e. the logits at
+  the clean images. The first actor of a model computes them on the worker
+  (the same device and the same batches as ``collect_gradients.py``, so
+  target choices and g(x0) are bit-identical); the driver then drops the
+  (image, target) pairs whose file exists before any scoring task is
+  scheduled. The driver needs no accelerator.
+* No shared file system: the driver sends the model file's bytes and the
+  images through the object store; workers return the arrays of each
+  ``.mat`` file and the DRIVER writes them atomically into
+  ``<save>/<dataset>_<model>/`` exactly as ``collect_gradients.py`` does.
+* A worker that dies has its task resubmitted to another actor (up to
+  ``--max_retries`` times); a file is written once, by the driver, when its
+  result arrives. A model that fails to load fails its own job with one line.
+  A killed driver leaves only complete files; rerunning resumes.
+* Stage 2 runs as one Ray CPU task per file (the fit of ``clever.py``); the
+  driver writes ``--out``: summary.csv, summary.md, records.json,
+  records.csv and provenance.json.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import math
+import os
+import platform
+import shutil
+import signal
+import sys
+import tarfile
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+import common
+from common import ToolError
+
+log = logging.getLogger("clever.sweep")
+
+PROG = "sweep.py"
+#: Ray namespace of the sweep's named actors (clever-sweep-<driver pid>-<n>).
+NAMESPACE = "clever-sweep"
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+#: Flags of collect_gradients.py that --models replaces.
+_MODEL_FLAGS = ("-m", "--model_name", "--model_path")
+#: Suffixes that name a model file rather than a zoo name.
+_MODEL_SUFFIXES = (".keras", ".h5", ".hdf5", ".pb")
+#: What --ship_code never uploads to the cluster (data, models and results travel as bytes).
+_CODE_EXCLUDES = [".venv", ".git", "data", "models", "lipschitz_mat", "results", "logs", "plots",
+                  "__pycache__", "*.pyc", ".pytest_cache", "*.mat", "*.keras", "*.h5", "*.pb"]
+#: A K-S p-value above this does not reject the reverse Weibull fit (paper Table 5).
+KS_ALPHA = 0.05
+#: Bound norms of the summary, in print order (L1, L2, Li).
+_NORM_LABELS = ("L1", "L2", "Li")
+
+
+# --------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------
+def _sweep_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.split("\n\n")[0],
+        epilog="Every other flag is a flag of collect_gradients.py with the same meaning "
+               "(-d, -n, -f, --ids, --targets, --target_type, -N, -i, --sample_norm, --radius, "
+               "--order, --seed, -s/--save, --overwrite, --models_dir, --data_dir, ...): "
+               "see python collect_gradients.py --help.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("sweep")
+    g.add_argument("--models", default="",
+                   help="comma-separated models: zoo names (normal, distilled, brelu, 2-layer, "
+                        "ImageNet names), names under --models_dir, or model files")
+    g.add_argument("--spec", default="",
+                   help="TOML file of jobs: [defaults] and [[job]] tables whose keys are "
+                        "collect_gradients.py flags (long names) plus 'models'")
+    g.add_argument("--out", default="results/sweep", help="folder of the summaries")
+    g = p.add_argument_group("cluster")
+    g.add_argument("--address", default="",
+                   help="'' starts Ray on this machine; 'auto' or ray://HOST:PORT (or HOST:PORT) "
+                        "joins a running cluster")
+    g.add_argument("--workers", type=int, default=0,
+                   help="model actors at once (0: the cluster's GPUs, else its CPUs / 2)")
+    g.add_argument("--gpus_per_worker", type=float, default=None,
+                   help="GPUs per actor (default 1 where the cluster has GPUs, else 0; "
+                        "fractions share a GPU)")
+    g.add_argument("--cpus_per_worker", type=float, default=1.0, help="CPUs reserved per actor")
+    g.add_argument("--num_cpus", type=int, default=0,
+                   help="CPUs of a local Ray (--address ''; 0: all of this machine's)")
+    g.add_argument("--max_retries", type=int, default=3,
+                   help="times a task is resubmitted after its worker process died")
+    g.add_argument("--ship_code", choices=("auto", "yes", "no"), default="auto",
+                   help="upload this folder's code to the workers (auto: when joining a cluster)")
+    g.add_argument("--no_stage2", action="store_true", help="stage 1 only")
+    g.add_argument("--shape_reg", type=float, default=0.01, help="stage 2: as clever.py")
+    g.add_argument("--method", choices=("mle_reg", "mle", "maxsamp"), default="mle_reg",
+                   help="stage 2: as clever.py")
+    return p
+
+
+def _collect_args(argv: Sequence[str], where: str):
+    """``collect_gradients.parse_args(argv)`` with argparse's exit turned into a ToolError."""
+    import collect_gradients
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return collect_gradients.parse_args(list(argv))
+    except SystemExit as exc:
+        if exc.code == 0:  # --help of the shared flags
+            raise
+        lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+        message = lines[-1] if lines else "invalid arguments"
+        message = message.replace("collect_gradients.py: error: ", "")
+        raise ToolError(f"{where}: {message}") from None
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    argv = list(argv)
+    if "-h" in argv or "--help" in argv:
+        _sweep_parser().parse_args(["--help"])
+    args, rest = _sweep_parser().parse_known_args(argv)
+    for flag in _MODEL_FLAGS:
+        if any(a == flag or a.startswith(flag + "=") for a in rest):
+            raise ToolError(f"{flag}: sweep.py takes its models from --models (or --spec)")
+    args.shared = rest
+    # The shared flags are checked once up front: a bad flag fails the sweep in a second.
+    args.base = _collect_args(rest, "arguments")
+    if not args.models and not args.spec:
+        raise ToolError("--models: give at least one model (or a --spec file)")
+    if args.workers < 0:
+        raise ToolError(f"--workers must be positive, got {args.workers}")
+    if args.gpus_per_worker is not None and args.gpus_per_worker < 0:
+        raise ToolError(f"--gpus_per_worker must be non-negative, got {args.gpus_per_worker}")
+    if args.cpus_per_worker < 0:
+        raise ToolError(f"--cpus_per_worker must be non-negative, got {args.cpus_per_worker}")
+    common.check_positive("--max_retries", args.max_retries, allow_zero=True)
+    common.check_positive("--shape_reg", args.shape_reg, allow_zero=True)
+    if args.spec and not os.path.isfile(args.spec):
+        raise ToolError(f"--spec: {args.spec} does not exist")
+    if not (args.address in ("", "auto") or args.address.startswith("ray://")
+            or ":" in args.address):
+        raise ToolError(f"--address: {args.address!r} is not '', 'auto', ray://HOST:PORT "
+                        "or HOST:PORT")
+    return args
+
+
+# --------------------------------------------------------------------------
+# Jobs
+# --------------------------------------------------------------------------
+@dataclass
+class Job:
+    """One model's share of the sweep: the collect_gradients arguments and the model's source."""
+
+    index: int
+    token: str                 # as written in --models / the spec
+    name: str                  # output folder suffix (model name or file stem)
+    args: argparse.Namespace | None = None   # collect_gradients.parse_args result
+    source: str = ""           # file or folder shipped to the workers ('' for none)
+    error: str = ""            # set when the job failed
+    # planning and progress
+    state: str = "new"         # new, planning, running, done, failed
+    out_dir: str = ""
+    queue: deque = field(default_factory=deque)   # pending _Task
+    files: list = field(default_factory=list)     # every (task, target, path) of the job
+    n_written: int = 0
+    n_skipped: int = 0
+    n_failed: int = 0
+    setup_failures: int = 0
+    actors: int = 0            # live actors bound to the job
+    inflight: int = 0          # scoring calls in flight
+    blob_ref: object = None
+    images_ref: object = None
+    ids: list = field(default_factory=list)
+    user_targets: dict = field(default_factory=dict)
+    test_data: object = None
+    test_labels: object = None
+    label_offset: int = 0
+
+
+@dataclass
+class _Task:
+    job: Job
+    pos: int                   # position of the image in the job's image array
+    task: object               # utils.ImageTask
+    pending: list              # [(utils.Target, path)]
+    attempt: int = 0
+
+
+def _spec_argv(table: dict, where: str) -> list[str]:
+    """A TOML table of collect_gradients flags as command-line arguments."""
+    argv = []
+    for key, value in table.items():
+        if key in ("models", "model"):
+            continue
+        flag = "--" + key.lstrip("-")
+        if flag in _MODEL_FLAGS:
+            raise ToolError(f"{where}: key {key!r}: list models under 'models'")
+        if isinstance(value, bool):
+            if value:
+                argv.append(flag)
+        elif isinstance(value, list):
+            argv += [flag, ",".join(str(v) for v in value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _spec_jobs(path: str) -> list[tuple[str, list[str], str]]:
+    """(model token, flags, where) of every job of a --spec file."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as fh:
+            spec = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ToolError(f"{path}: not a readable TOML file ({err})") from None
+    unknown = set(spec) - {"defaults", "job"}
+    if unknown:
+        raise ToolError(f"{path}: unknown table {sorted(unknown)[0]!r}; use [defaults] and [[job]]")
+    defaults = _spec_argv(spec.get("defaults", {}), f"{path} [defaults]")
+    jobs = spec.get("job", [])
+    if not isinstance(jobs, list) or not jobs:
+        raise ToolError(f"{path}: no [[job]] tables")
+    out = []
+    for k, table in enumerate(jobs, start=1):
+        where = f"{path} job {k}"
+        models = table.get("models", table.get("model"))
+        if isinstance(models, str):
+            models = [m for m in models.split(",") if m.strip()]
+        if not models:
+            raise ToolError(f"{where}: no 'models'")
+        flags = defaults + _spec_argv(table, where)
+        out += [(str(m).strip(), flags, where) for m in models]
+    return out
+
+
+def _is_model_file(token: str) -> bool:
+    return os.path.exists(token) or token.lower().endswith(_MODEL_SUFFIXES) or os.sep in token
+
+
+def build_jobs(args) -> list[Job]:
+    """One :class:`Job` per model; a job whose arguments or model are bad has ``error`` set."""
+    entries = [(m.strip(), [], "--models") for m in args.models.split(",") if m.strip()]
+    if args.spec:
+        entries += _spec_jobs(args.spec)
+    jobs: list[Job] = []
+    for index, (token, flags, where) in enumerate(entries):
+        is_file = _is_model_file(token)
+        name = (os.path.splitext(os.path.basename(os.path.normpath(token)))[0] if is_file
+                else token)
+        job = Job(index, token, name)
+        jobs.append(job)
+        try:
+            model_flags = ["--model_path", token] if is_file and not token.lower().endswith(
+                ".pb") else ["-m", token]
+            job.args = _collect_args(list(args.shared) + flags + model_flags, where)
+            job.source = _model_source(job)
+            job.out_dir = common.output_dir(job.args.save, job.args.dataset, job.name)
+        except ToolError as err:
+            job.error, job.state = str(err), "failed"
+    seen = {}
+    for job in jobs:
+        if job.out_dir and job.out_dir in seen and not job.error:
+            job.error, job.state = (f"{job.token}: writes into {job.out_dir} like "
+                                    f"{seen[job.out_dir]}; list each model once"), "failed"
+        seen.setdefault(job.out_dir, job.token)
+    return jobs
+
+
+def _model_source(job: Job) -> str:
+    """The file or folder whose bytes the workers load the model from ('' if none)."""
+    a = job.args
+    if job.token.lower().endswith(".pb"):
+        # An original frozen graph of a named ImageNet model: --model_path of collect_gradients.
+        if not os.path.isfile(job.token):
+            raise ToolError(f"{job.token}: model file not found")
+        a.model_path, a.model_name = job.token, os.path.splitext(os.path.basename(job.token))[0]
+        return job.token
+    if a.model_path:
+        return a.model_path
+    if a.dataset == "imagenet":
+        # Zoo models are built on the worker; a weights FILE travels with the job.
+        return a.weights if os.path.isfile(str(a.weights)) else ""
+    import models
+
+    path = models.models_path(a.dataset, a.model_name, a.activation, a.models_dir)
+    if not os.path.exists(path):
+        path = models._fallback_path(a.dataset, a.model_name, a.activation, a.models_dir) or path
+    if not os.path.exists(path):
+        raise ToolError(f"{path}: model file not found; train it with: "
+                        f"{models._train_hint(a.dataset, a.model_name, a.activation, a.models_dir)}")
+    return path
+
+
+def _pack(path: str) -> tuple[str, bytes]:
+    """(base name, bytes) of a model file, or of a folder as an uncompressed tar."""
+    base = os.path.basename(os.path.normpath(path))
+    if os.path.isdir(path):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            tar.add(path, arcname=base)
+        return base + "/", buf.getvalue()
+    with open(path, "rb") as fh:
+        return base, fh.read()
+
+
+def _unpack(blob: tuple[str, bytes], folder: str) -> str:
+    base, data = blob
+    if base.endswith("/"):
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+            tar.extractall(folder, filter="data")
+        return os.path.join(folder, base[:-1])
+    path = os.path.join(folder, base)
+    with open(path, "wb") as fh:
+        fh.write(data)
+    return path
+
+
+# --------------------------------------------------------------------------
+# The worker (a Ray actor; the class is wrapped with ray.remote by _actor_class)
+# --------------------------------------------------------------------------
+class ModelWorker:
+    """One worker slot: loads a model once and scores its (image, targets) tasks.
+
+    The scoring is ``stage1.score_image``, as in ``collect_gradients.py``.
+    Constructed cheaply; :meth:`setup` loads a model (and may later load the
+    next model of the sweep into the same process, which saves starting
+    Python and TensorFlow again), so that a model that fails to load is a
+    value (one line naming its file), not a dead actor.
+    """
+
+    def __init__(self, gpu_growth: bool):
+        self.gpu_growth = gpu_growth
+        self.folder = ""
+        self.error = ""
+        self.estimator = None
+        self.pool = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def _where(self) -> dict:
+        import ray
+
+        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "host": platform.node()}
+
+    def setup(self, job_args, name: str, source: str, blob, images) -> dict:
+        """Load a model: ``blob`` (base name, bytes) of ``source`` (the driver's path, for
+        messages), or None; ``images`` float32 [n, *input_shape] the job's images."""
+        t0 = time.perf_counter()
+        self._release()
+        self.args, self.name, self.source, self.blob, self.images = (
+            job_args, name, source, blob, images)
+        self.error, self.estimator = "", None
+        if hasattr(self, "_defended_images"):
+            del self._defended_images
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        if self.gpu_growth:
+            # Actors sharing a GPU must not each reserve all of its memory.
+            os.environ["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
+        try:
+            self._load()
+        except ToolError as err:
+            self.error = str(err)
+        except Exception as err:  # noqa: BLE001 - any failure to load fails this job only
+            self.error = f"{self.source or self.name}: {type(err).__name__}: {err}"
+        if self.error and self.folder:
+            self.error = self.error.replace(self.path_on_worker, self.source)
+        return {"ok": not self.error, "error": self.error.splitlines()[0] if self.error else "",
+                "seconds": time.perf_counter() - t0, "versions": common.versions(),
+                **self._where()}
+
+    def _load(self) -> None:
+        a = self.args
+        self.path_on_worker = ""
+        if self.blob is not None:
+            self.folder = tempfile.mkdtemp(prefix="clever-sweep-")
+            self.path_on_worker = _unpack(self.blob, self.folder)
+        from randsphere import BallSampler
+
+        self.sampler = BallSampler.create(a.sample_norm, a.radius, a.uniform_ball)
+        common.set_seed(a.seed)  # before building, as collect_gradients: random weights agree
+        if a.dataset == "imagenet":
+            import setup_imagenet
+
+            local = argparse.Namespace(**vars(a))
+            if self.path_on_worker:
+                if a.model_path:
+                    local.model_path = self.path_on_worker
+                else:
+                    local.weights = self.path_on_worker
+            model = _imagenet_model(local)
+        else:
+            import models
+
+            model = models.load_model(a.dataset, a.model_name, a.activation,
+                                      model_path=self.path_on_worker or a.model_path,
+                                      models_dir=a.models_dir)
+        self.estimator = self._estimator(model)
+        self.versions = common.versions()
+        self.dim = int(np.prod(self.images.shape[1:]))
+        self.pool = None
+
+    def _estimator(self, model):
+        """The estimator exactly as collect_gradients.main builds it (order-2 check included)."""
+        import collect_gradients
+        from estimate_gradient_norm import GradientNormEstimator
+
+        a = self.args
+        if a.order == 2 and not a.force_order2:
+            flat = collect_gradients.piecewise_linear_layers(model)
+            if flat:
+                raise ToolError(f"{self.source or self.name}: --order 2: the model has "
+                                f"piecewise-linear activations ({', '.join(flat[:3])}); its "
+                                "Hessian is zero almost everywhere. Use a smooth model or "
+                                "--force_order2")
+        return GradientNormEstimator(model, self.images.shape[1:], a.batch_size,
+                                     **collect_gradients._estimator_options(
+                                         a, GradientNormEstimator))
+
+    def _defended(self) -> np.ndarray | None:
+        """T(x0) of the job's images with --transform (the defended classifier), else None."""
+        if not hasattr(self, "_defended_images"):
+            self._defended_images = None
+            if self.args.transform:
+                import defense
+
+                self._defended_images = defense.apply_transform(self.args.transform,
+                                                                self.images)
+        return self._defended_images
+
+    def plan(self) -> dict:
+        """Logits [n, K] at the job's clean images (what target selection needs)."""
+        if self.error or self.estimator is None:
+            return {"ok": False, "error": self.error or "the model is not loaded", **self._where()}
+        t0 = time.perf_counter()
+        defended = self._defended()
+        logits = self.estimator.logits(self.images if defended is None else defended)
+        return {"ok": True, "logits": np.asarray(logits), "seconds": time.perf_counter() - t0,
+                **self._where()}
+
+    def score(self, pos: int, task, pending: list) -> dict:
+        """Score one image for its pending targets; returns the .mat records (path, keys)."""
+        import stage1
+
+        t0 = time.perf_counter()
+        a = self.args
+        if a.sampler == "shm" and self.pool is None:
+            from randsphere import SamplerPool
+
+            self.pool = SamplerPool(self.sampler, self.images.shape[1:], a.batch_size,
+                                    a.nthreads, a.transform or None)
+        compute = [0.0]
+        first = [None]
+
+        def on_iteration(st):
+            compute[0] += st.seconds
+            if first[0] is None:   # the first call of a fresh actor traces the function
+                first[0] = st.seconds
+
+        targets = [t for t, _ in pending]
+        defended = self._defended()
+        if defended is not None:
+            task.evaluated = defended[pos]  # g(x0) and its gradient at T(x0), as the CLI
+        # Samples around the untransformed x0 (task.image), exactly as collect_gradients.
+        result = stage1.score_image(self.estimator, self.sampler, self.pool, task, targets,
+                                    task.image, nsamps=a.Nsamps, niters=a.Niters, seed=a.seed,
+                                    order=a.order, on_iteration=on_iteration)
+        records = []
+        for k, (target, path) in enumerate(pending):
+            grad_x0 = None if result.grad_x0_norms is None else result.grad_x0_norms[k]
+            records.append((path, stage1.mat_record(
+                a, task, target, result.results[k], path, model_name=self.name, dim=self.dim,
+                radius=self.sampler.radius, versions=self.versions, grad_x0_norm=grad_x0)))
+        return {"records": records, "seconds": time.perf_counter() - t0,
+                "compute_seconds": compute[0], "first_iteration_seconds": first[0] or 0.0,
+                "iterations": result.niters_used, **self._where()}
+
+    def _release(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        if self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = ""
+        self.estimator = None
+
+    def close(self) -> None:
+        """Release the sampling pool and the model's temporary copy, then end the actor."""
+        import ray
+
+        self._release()
+        ray.actor.exit_actor()
+
+
+def _actor_class(ray):
+    """ModelWorker as a Ray actor class; ``pid`` answers even while a task runs.
+
+    No automatic restarts or retries: the driver resubmits the task of a dead
+    actor itself, so that it knows what was lost and writes every file once.
+    """
+    class Worker(ModelWorker):
+        @ray.method(concurrency_group="control")
+        def pid(self) -> int:
+            return os.getpid()
+
+    Worker.__name__ = Worker.__qualname__ = "ModelWorker"
+    return ray.remote(concurrency_groups={"control": 1}, max_restarts=0,
+                      max_task_retries=0)(Worker)
+
+
+def _imagenet_model(args):
+    """The ImageNet model of collect_gradients' --dataset imagenet (setup_imagenet)."""
+    import setup_imagenet
+
+    model_path = getattr(args, "model_path", None)
+    if model_path and not model_path.lower().endswith(".pb"):
+        return setup_imagenet.load_user_model(model_path)
+    return setup_imagenet.get_model(args.model_name, model_path or args.weights,
+                                    getattr(args, "input_size", None),
+                                    models_dir=args.models_dir or setup_imagenet.DEFAULT_MODELS_DIR,
+                                    drop_background=bool(getattr(args, "drop_background", False)))
+
+
+def stage2_file(name: str, data: bytes, method: str, shape_reg: float) -> dict:
+    """Stage 2 of one file (a Ray CPU task): clever.py's fit and bounds per bound norm.
+
+    ``data``: the .mat file's bytes (no shared file system). Returns a JSON-ready
+    record, or ``{"error": message}``.
+    """
+    import ray
+
+    import clever
+
+    t0 = time.perf_counter()
+    where = {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+    folder = tempfile.mkdtemp(prefix="clever-sweep-s2-")
+    try:
+        path = os.path.join(folder, os.path.basename(name))
+        with open(path, "wb") as fh:
+            fh.write(data)
+        try:
+            f = clever.load_stage1_file(path)
+        except ToolError as err:
+            return {"error": str(err).replace(path, name), **where}
+        norms = {}
+        for norm, samples in f.maxima.items():
+            fit = clever.fit_reverse_weibull(samples, method, shape_reg)
+            if f.order == 1:
+                uncapped = clever.clever_bound(f.g_x0, fit.estimate)
+            else:
+                uncapped = clever.second_order_bound(f.g_x0, f.grad_norm, fit.estimate)
+            cap = clever.cap_for(f.radius, f.sample_norm, norm, f.dim)
+            bound = uncapped if cap is None or math.isnan(uncapped) else min(uncapped, cap)
+            norms[norm.label] = {"key": f.keys[norm], "estimate": fit.estimate,
+                                 "shape": fit.shape, "loc": fit.loc, "scale": fit.scale,
+                                 "ks": fit.ks, "pval": fit.pval, "status": fit.status.value,
+                                 "bound": bound, "bound_uncapped": uncapped, "cap": cap}
+        return {"path": name, "id": f.img_id, "true_label": f.true_label,
+                "target_label": f.target_label, "info": f.info, "order": f.order,
+                "g_x0": f.g_x0, "norms": norms, "seconds": time.perf_counter() - t0, **where}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# Ray plumbing
+# --------------------------------------------------------------------------
+def _runtime_env(args) -> dict:
+    env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}}
+    ship = args.ship_code == "yes" or (args.ship_code == "auto" and args.address != "")
+    if ship:
+        env["working_dir"] = ROOT
+        env["excludes"] = list(_CODE_EXCLUDES)
+    return env
+
+
+def _connect(args) -> bool:
+    """Connect to (or start) Ray; returns whether this call started the connection."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs = {"include_dashboard": False, "runtime_env": _runtime_env(args),
+              "logging_level": logging.WARNING, "configure_logging": True}
+    if args.address == "":
+        kwargs["num_cpus"] = args.num_cpus or os.cpu_count() or 1
+    else:
+        kwargs["address"] = args.address
+        kwargs.pop("include_dashboard")
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ToolError(f"--address {args.address or repr('')}: cannot start or join Ray "
+                        f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") \
+            from None
+    return True
+
+
+def _cluster_info() -> dict:
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    res = ray.cluster_resources()
+    return {"nodes": len(nodes), "cpus": float(res.get("CPU", 0)), "gpus": float(res.get("GPU", 0)),
+            "node_ids": [n["NodeID"] for n in nodes],
+            "hosts": sorted({n.get("NodeManagerHostname", "") for n in nodes})}
+
+
+def default_workers(cluster: dict, gpus_per_worker: float) -> int:
+    """As many actors as GPUs (GPU clusters) or half the CPUs, at least 1."""
+    if gpus_per_worker > 0 and cluster["gpus"] > 0:
+        return max(1, int(cluster["gpus"] // gpus_per_worker))
+    return max(1, int(cluster["cpus"] // 2))
+
+
+# --------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------
+class _Slot:
+    """A live actor, the job it serves and what it is doing."""
+
+    def __init__(self, serial: int, handle, name: str):
+        self.serial, self.handle, self.name = serial, handle, name
+        self.job: Job | None = None
+        self.ready = False       # the job's model is loaded
+        self.busy = False        # a scoring call is in flight
+        self.node = ""
+
+class Sweep:
+    """The scheduling loop: actors per model, tasks streamed to free actors, files written here."""
+
+    def __init__(self, args, jobs: list[Job]):
+        import ray
+
+        self.ray = ray
+        self.args = args
+        self.jobs = jobs
+        self.cluster = _cluster_info()
+        self.gpus = (args.gpus_per_worker if args.gpus_per_worker is not None
+                     else (1.0 if self.cluster["gpus"] > 0 else 0.0))
+        self.workers = args.workers or default_workers(self.cluster, self.gpus)
+        self.slots: list[_Slot] = []
+        self.serial = 0
+        self.inflight: dict = {}     # ObjectRef -> (kind, slot or None, payload, t_submit)
+        self.task_log: list[dict] = []
+        self.worker_versions: dict = {}
+        self.stage2: list[dict] = []
+        self.stage2_errors: list[dict] = []
+        self.deaths = 0
+        self.written: list[str] = []
+        self.bar = None
+        self.actor_cls = _actor_class(ray)
+        self.stage2_fn = ray.remote(num_cpus=1, max_retries=args.max_retries)(stage2_file)
+        self.sched_seconds = 0.0
+
+    # -- actors --------------------------------------------------------------
+    def _start_actor(self) -> _Slot:
+        self.serial += 1
+        name = f"clever-sweep-{os.getpid()}-{self.serial}"
+        # A fractional GPU is shared: memory growth instead of one actor taking all of it.
+        handle = self.actor_cls.options(
+            name=name, num_cpus=self.args.cpus_per_worker, num_gpus=self.gpus,
+        ).remote(0 < self.gpus < 1)
+        slot = _Slot(self.serial, handle, name)
+        self.slots.append(slot)
+        return slot
+
+    def _assign(self, slot: _Slot, job: Job) -> None:
+        """Load ``job``'s model on ``slot`` (a new actor, or one whose model has no work left)."""
+        if job.blob_ref is None:
+            self._prepare(job)
+        if slot.job is not None:
+            slot.job.actors -= 1
+        slot.job, slot.ready, slot.busy = job, False, False
+        job.actors += 1
+        self._submit("setup", slot, slot.handle.setup.remote(
+            job.args, job.name, job.source, job.blob_ref, job.images_ref), None)
+        if job.state == "new":
+            job.state = "planning"
+            self._submit("plan", slot, slot.handle.plan.remote(), None)
+
+    def _retire(self, slot: _Slot, kill: bool = True) -> None:
+        if slot in self.slots:
+            self.slots.remove(slot)
+            if slot.job is not None:
+                slot.job.actors -= 1
+            if kill:
+                # Idle actors only: close() runs next, cleans up and ends the process.
+                try:
+                    slot.handle.close.remote()
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+
+    def _prepare(self, job: Job) -> None:
+        """Images and model bytes of a job into the object store (once per job)."""
+        import collect_gradients
+
+        a = job.args
+        if a.dataset == "imagenet":
+            import setup_imagenet
+
+            common.set_seed(a.seed)
+            _, data, job.label_offset = setup_imagenet.load_for_stage1(a)
+        else:
+            import models
+
+            data = models.load_dataset(a.dataset, a.data_dir)
+        job.test_data, job.test_labels = data.test_data, data.test_labels
+        job.ids, job.user_targets = collect_gradients._image_ids(a, len(job.test_data))
+        images = np.ascontiguousarray(job.test_data[job.ids], dtype=np.float32)
+        job.images_ref = self.ray.put(images)
+        job.blob_ref = self.ray.put(_pack(job.source)) if job.source else self.ray.put(None)
+
+    # -- submission ------------------------------------------------------------
+    def _submit(self, kind: str, slot, ref, payload) -> None:
+        self.inflight[ref] = (kind, slot, payload, time.perf_counter())
+
+    def _dispatch(self) -> None:
+        """Queued tasks to ready idle actors; actors without work to other models or retired."""
+        for slot in list(self.slots):
+            job = slot.job
+            if not slot.ready or slot.busy:
+                continue
+            if job.state == "running" and job.queue:
+                t = job.queue.popleft()
+                slot.busy = True
+                job.inflight += 1
+                self._submit("score", slot, slot.handle.score.remote(t.pos, t.task, t.pending), t)
+            elif job.state != "planning":
+                nxt = self._next_job(moving=slot)
+                if nxt is not None:
+                    self._assign(slot, nxt)
+                elif not any(j.state == "planning" for j in self.jobs):
+                    # Kept while a model is being planned: its work may need this actor.
+                    self._retire(slot)
+        while len(self.slots) < self.workers:
+            job = self._next_job()
+            if job is None:
+                break
+            slot = self._start_actor()
+            try:
+                self._assign(slot, job)
+            except ToolError as err:
+                self._fail_job(job, str(err))
+
+    def _next_job(self, moving: _Slot | None = None) -> Job | None:
+        """The job a free actor should load: a model not started yet, else queued work
+        that the job's own actors will not finish before another actor could load it."""
+        for job in self.jobs:
+            if job.state == "new":
+                return job
+        for job in self.jobs:
+            if job.state == "running" and job.queue and job.actors == 0:
+                return job   # its actors died or were retired: it needs one whatever it costs
+        best, best_gain = None, 0.0
+        for job in self.jobs:
+            if job.state != "running" or job is (moving.job if moving else None):
+                continue
+            waiting = self._waiting_actors(job)
+            spare = len(job.queue) - waiting
+            if spare <= 0:
+                continue
+            # Seconds of queued work per actor now, against the time a new actor needs
+            # before it is useful (load the model, trace the function). Before the job's
+            # first task has finished there is no estimate: wait for it.
+            per_task, trace = self._task_seconds(job)
+            if per_task is None:
+                continue
+            gain = len(job.queue) * per_task / max(1, job.actors) - self._setup_seconds() - trace
+            if gain > best_gain:
+                best, best_gain = job, gain
+        return best
+
+    def _waiting_actors(self, job: Job) -> int:
+        return sum(1 for s in self.slots if s.job is job and not s.busy)
+
+    def _task_seconds(self, job: Job) -> tuple[float | None, float]:
+        """(steady seconds per task, seconds of tracing) of the job's finished tasks.
+
+        The first iteration of an actor's first task includes tracing the compiled
+        function: the steady time per task leaves it out (scaled to all iterations).
+        """
+        steady, trace = [], [0.0]
+        for t in self.task_log:
+            if t["kind"] != "score" or t["job"] != job.name:
+                continue
+            n = max(1, t.get("iterations", 1))
+            rest = t["compute_seconds"] - t["first_iteration_seconds"]
+            per_iter = rest / (n - 1) if n > 1 else t["compute_seconds"]
+            steady.append(t["worker_seconds"] - t["first_iteration_seconds"] + per_iter)
+            trace.append(t["first_iteration_seconds"] - per_iter)
+        return (float(np.median(steady)) if steady else None), max(trace)
+
+    def _setup_seconds(self) -> float:
+        times = [t["worker_seconds"] for t in self.task_log if t["kind"] == "setup"]
+        return float(np.median(times)) if times else 0.0
+
+    # -- results ---------------------------------------------------------------
+    def _handle(self, ref) -> None:
+        kind, slot, payload, t_submit = self.inflight.pop(ref)
+        exc = self.ray.exceptions
+        try:
+            out = self.ray.get(ref)
+        except (exc.RayActorError, exc.ActorDiedError, exc.ActorUnavailableError) as err:
+            self._actor_died(kind, slot, payload, err)
+            return
+        except exc.RayTaskError as err:
+            self._task_error(kind, slot, payload, err)
+            return
+        except exc.RayError as err:   # a stage-2 task's worker crashed beyond its retries
+            if kind != "stage2":
+                raise
+            self._stage2_done(payload, {"error": f"{type(err).__name__}"})
+            return
+        if kind == "setup":
+            self.worker_versions.setdefault(out["host"], out["versions"])
+            self._log_task("setup", slot.job, out, time.perf_counter() - t_submit)
+            slot.ready, slot.node = True, out["node"]
+            if not out["ok"]:
+                # The job fails; the actor (Python and TensorFlow started) serves the next.
+                self._fail_job(slot.job, out["error"])
+        elif kind == "plan":
+            if out["ok"]:
+                self._log_task("plan", slot.job, out, time.perf_counter() - t_submit)
+                self._plan(slot.job, out["logits"])
+        elif kind == "score":
+            self._scored(slot, payload, out, time.perf_counter() - t_submit)
+        elif kind == "stage2":
+            self._stage2_done(payload, out)
+
+    def _actor_died(self, kind, slot, payload, err) -> None:
+        if kind == "stage2":
+            self._stage2_done(payload, {"error": f"its worker died ({type(err).__name__})"})
+            return
+        job = slot.job
+        if slot in self.slots:
+            self.deaths += 1
+            log.warning("a worker of %s died (%s); its work goes to another worker",
+                        job.name, type(err).__name__)
+            self._retire(slot, kill=False)
+        if kind == "score":
+            job.inflight -= 1
+            payload.attempt += 1
+            if payload.attempt > self.args.max_retries:
+                self._fail_task(payload, f"its worker died {payload.attempt} times")
+            else:
+                job.queue.appendleft(payload)
+        elif kind == "plan" and job.state == "planning":
+            job.setup_failures += 1
+            if job.setup_failures > self.args.max_retries:
+                self._fail_job(job, f"{job.token}: the worker died while loading the model "
+                                    f"{job.setup_failures} times")
+            else:
+                job.state = "new"   # plan again on a new actor
+
+    def _task_error(self, kind, slot, payload, err) -> None:
+        cause = getattr(err, "cause", None) or err
+        text = str(cause).strip().splitlines()
+        message = f"{type(cause).__name__}: {text[-1] if text else ''}"
+        if kind == "score":
+            slot.busy = False
+            slot.job.inflight -= 1
+            self._fail_task(payload, message)
+        elif kind == "stage2":
+            self._stage2_done(payload, {"error": message})
+        else:
+            slot.ready = True
+            self._fail_job(slot.job, f"{slot.job.token}: {message}")
+
+    def _fail_task(self, t: _Task, message: str) -> None:
+        t.job.n_failed += len(t.pending)
+        log.error("%s: image %d failed (%s)", t.job.name, t.task.img_id, message)
+        if self.bar is not None:
+            self.bar.update(1)
+        self._check_done(t.job)
+
+    def _fail_job(self, job: Job, message: str) -> None:
+        if job.state == "failed":
+            return
+        job.state, job.error = "failed", message
+        job.n_failed += sum(len(t.pending) for t in job.queue) or (0 if job.files else 1)
+        if self.bar is not None:
+            self.bar.update(len(job.queue))
+        job.queue.clear()
+        print(f"{PROG}: error: {message.splitlines()[0]}", file=sys.stderr, flush=True)
+
+    def _plan(self, job: Job, logits: np.ndarray) -> None:
+        """Targets from the worker's logits; existing files are dropped here, before any task."""
+        import stage1
+        import utils
+
+        a = job.args
+        tasks = utils.generate_data(job.test_data, job.test_labels, logits, job.ids, a.kinds,
+                                    a.seed, job.user_targets,
+                                    excluded=(0,) if job.label_offset else (),
+                                    label_offset=job.label_offset)
+        for task in tasks:
+            if not task.correct:
+                log.info("%s: image %d is misclassified (label %d, predicted %d): skipped",
+                         job.name, task.img_id, task.true_label, task.predicted)
+        os.makedirs(job.out_dir, exist_ok=True)
+        if common.remove_stale_temp_files(job.out_dir):
+            log.warning("removed temporary files of an earlier run that was killed in %s",
+                        job.out_dir)
+        work = stage1.plan_image_files(a, tasks, job.out_dir)
+        pos = {img_id: k for k, img_id in enumerate(job.ids)}
+        for task in tasks:
+            for target in task.targets:
+                path = os.path.join(job.out_dir, common.MatName(
+                    a.Nsamps, a.Niters, task.img_id, task.true_label, target.label, target.info,
+                    a.activation, a.order).filename())
+                job.files.append((task, target, path))
+        pending = sum(len(p) for _, p in work)
+        job.n_skipped = len(job.files) - pending
+        if job.n_skipped:
+            log.warning("%s: %d result files already exist in %s and are kept (resume)",
+                        job.name, job.n_skipped, job.out_dir)
+        for task, plist in work:
+            job.queue.append(_Task(job, pos[task.img_id], task, list(plist)))
+        job.state = "running"
+        if self.bar is not None:
+            self.bar.total = (self.bar.total or 0) + len(job.queue)
+            self.bar.refresh()
+        self._check_done(job)
+
+    def _scored(self, slot: _Slot, t: _Task, out: dict, wall: float) -> None:
+        slot.busy = False
+        t.job.inflight -= 1
+        self._dispatch()          # the actor gets its next task before the files are written
+        w0 = time.perf_counter()
+        paths = []
+        for path, record in out["records"]:
+            common.atomic_savemat(path, record)
+            paths.append(path)
+        self.written += paths
+        t.job.n_written += len(paths)
+        write = time.perf_counter() - w0
+        self.task_log.append({"kind": "score", "job": t.job.name, "image": t.task.img_id,
+                              "targets": [tg.label for tg, _ in t.pending], "files": paths,
+                              "node": out["node"], "pid": out["pid"], "host": out["host"],
+                              "attempt": t.attempt, "wall_seconds": wall,
+                              "worker_seconds": out["seconds"],
+                              "compute_seconds": out["compute_seconds"],
+                              "first_iteration_seconds": out["first_iteration_seconds"],
+                              "iterations": out["iterations"],
+                              "write_seconds": write})
+        if self.bar is not None:
+            self.bar.update(1)
+            self._postfix()
+        self._check_done(t.job)
+
+    def _check_done(self, job: Job) -> None:
+        if job.state != "running" or job.queue or job.inflight:
+            return
+        job.state = "done"
+        if self.args.no_stage2:
+            return
+        for task, target, path in job.files:
+            if not os.path.exists(path):
+                continue
+            with open(path, "rb") as fh:
+                data = fh.read()
+            ref = self.stage2_fn.remote(path, data, self.args.method, self.args.shape_reg)
+            self._submit("stage2", None, ref, (job, path))
+
+    def _stage2_done(self, payload, out: dict) -> None:
+        job, path = payload
+        if "error" in out:
+            self.stage2_errors.append({"model": job.name, "path": path, "error": out["error"]})
+            log.error("%s: stage 2: %s", path, out["error"])
+        else:
+            out.update(model=job.name, dataset=job.args.dataset)
+            self.stage2.append(out)
+        self.task_log.append({"kind": "stage2", "job": job.name, "files": [path],
+                              "node": out.get("node", ""), "pid": out.get("pid", 0),
+                              "worker_seconds": out.get("seconds", 0.0)})
+
+    def _log_task(self, kind: str, job: Job, out: dict, wall: float) -> None:
+        self.task_log.append({"kind": kind, "job": job.name, "node": out.get("node", ""),
+                              "pid": out.get("pid", 0), "host": out.get("host", ""),
+                              "wall_seconds": wall, "worker_seconds": out.get("seconds", 0.0)})
+
+    def _postfix(self) -> None:
+        busy = [s for s in self.slots if s.busy]
+        self.bar.set_postfix_str(f"{len(busy)}/{self.workers} workers busy on "
+                                 f"{len({s.node for s in busy})}/{self.cluster['nodes']} nodes")
+
+    # -- the loop --------------------------------------------------------------
+    def run(self) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=0, unit="task", disable=self.args.base.no_progress,
+                        file=sys.stderr, dynamic_ncols=True)
+        try:
+            self._dispatch()
+            while self.inflight or any(j.state in ("new", "planning", "running")
+                                       for j in self.jobs):
+                if not self.inflight:
+                    # Nothing in flight but work left: an actor must be started.
+                    self._dispatch()
+                    if not self.inflight:
+                        raise RuntimeError("sweep: no progress possible (scheduler bug)")
+                ready, _ = self.ray.wait(list(self.inflight), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    self._handle(ref)
+                self._dispatch()
+        finally:
+            self.bar.close()
+            for slot in list(self.slots):
+                self._retire(slot)
+
+
+# --------------------------------------------------------------------------
+# Summaries
+# --------------------------------------------------------------------------
+def summarize(records: list[dict]) -> list[dict]:
+    """Rows per (model, info, norm): mean/min CLEVER capped and uncapped, images, K-S pass rate.
+
+    An extra info ``untargeted`` per model takes, per image, the minimum over
+    its targets (CLEVER-u from the targets computed).
+    """
+    groups: dict = {}
+    for r in records:
+        for label, n in r["norms"].items():
+            groups.setdefault((r["model"], r["dataset"], r["info"], label), []).append((r, n))
+    per_image: dict = {}
+    for r in records:
+        for label, n in r["norms"].items():
+            key = (r["model"], r["dataset"], "untargeted", label)
+            best = per_image.setdefault(key, {}).get(r["id"])
+            if best is None or n["bound"] < best[1]["bound"]:
+                per_image[key][r["id"]] = (r, n)
+    for key, by_id in per_image.items():
+        if len({r["info"] for r, _ in by_id.values()}) >= 1 and len(
+                {(r["model"], r["info"]) for r in records if r["model"] == key[0]}) > 1:
+            groups[key] = list(by_id.values())
+    rows = []
+    for (model, dataset, info, label), items in sorted(
+            groups.items(), key=lambda kv: (kv[0][0], kv[0][2] == "untargeted", kv[0][2],
+                                            _NORM_LABELS.index(kv[0][3]))):
+        bounds = np.array([n["bound"] for _, n in items], np.float64)
+        uncapped = np.array([n["bound_uncapped"] for _, n in items], np.float64)
+        pvals = np.array([n["pval"] for _, n in items], np.float64)
+        rows.append({"model": model, "dataset": dataset, "info": info, "norm": label,
+                     "mean_clever": float(np.mean(bounds)), "min_clever": float(np.min(bounds)),
+                     "mean_clever_uncapped": float(np.mean(uncapped)),
+                     "min_clever_uncapped": float(np.min(uncapped)),
+                     "images": len({r["id"] for r, _ in items}), "files": len(items),
+                     "ks_pass_rate": float(np.mean(pvals > KS_ALPHA)),
+                     "fallbacks": int(sum(n["status"] not in ("fit", "maxsamp")
+                                          for _, n in items))})
+    return rows
+
+
+_SUMMARY_COLUMNS = ("model", "dataset", "info", "norm", "mean_clever", "min_clever",
+                    "mean_clever_uncapped", "min_clever_uncapped", "images", "files",
+                    "ks_pass_rate", "fallbacks")
+
+
+def _fmt(v) -> str:
+    return f"{v:.5g}" if isinstance(v, float) else str(v)
+
+
+def write_outputs(out: str, rows: list[dict], records: list[dict], provenance: dict) -> None:
+    import csv
+
+    os.makedirs(out, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(_SUMMARY_COLUMNS)
+    for row in rows:
+        w.writerow([row[c] for c in _SUMMARY_COLUMNS])
+    common.atomic_write_text(os.path.join(out, "summary.csv"), buf.getvalue())
+
+    md = ["| " + " | ".join(_SUMMARY_COLUMNS) + " |",
+          "|" + "|".join("---" for _ in _SUMMARY_COLUMNS) + "|"]
+    md += ["| " + " | ".join(_fmt(row[c]) for c in _SUMMARY_COLUMNS) + " |" for row in rows]
+    common.atomic_write_text(os.path.join(out, "summary.md"),
+                             "# CLEVER sweep\n\nBounds capped at the sampling radius "
+                             "(`_uncapped`: the original tool's numbers); K-S pass rate: "
+                             f"share of fits with p > {KS_ALPHA}.\n\n" + "\n".join(md) + "\n")
+
+    common.write_json(os.path.join(out, "records.json"), _finite(records))
+    fields = ("model", "dataset", "path", "id", "true_label", "target_label", "info", "order",
+              "g_x0", "node")
+    norm_fields = ("key", "estimate", "shape", "loc", "scale", "ks", "pval", "status", "bound",
+                   "bound_uncapped", "cap")
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(list(fields) + [f"{n}_{k}" for n in _NORM_LABELS for k in norm_fields])
+    for r in records:
+        row = [r.get(k, "") for k in fields]
+        for n in _NORM_LABELS:
+            rec = r["norms"].get(n, {})
+            row += ["" if rec.get(k) is None else rec.get(k, "") for k in norm_fields]
+        w.writerow(row)
+    common.atomic_write_text(os.path.join(out, "records.csv"), buf.getvalue())
+    common.write_json(os.path.join(out, "provenance.json"), _finite(provenance))
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _raise_on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(args) -> int:
+    common.setup_logging(args.base.verbose)
+    jobs = build_jobs(args)
+    for job in jobs:
+        if job.error:
+            print(f"{PROG}: error: {job.error.splitlines()[0]}", file=sys.stderr, flush=True)
+    started = time.time()
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) \
+        if threading_main() else None
+    own = False
+    try:
+        own = _connect(args)
+        import ray
+
+        sweep = Sweep(args, jobs)
+        log.info("cluster: %d nodes, %g CPUs, %g GPUs; %d workers of %g GPUs",
+                 sweep.cluster["nodes"], sweep.cluster["cpus"], sweep.cluster["gpus"],
+                 sweep.workers, sweep.gpus)
+        sweep.run()
+        written = len(sweep.written)
+        skipped = sum(j.n_skipped for j in jobs)
+        failed = sum(j.n_failed for j in jobs) + sum(1 for j in jobs if j.error and not j.files
+                                                     and j.n_failed == 0)
+        records = sorted(sweep.stage2, key=lambda r: (r["model"], r["info"], r["id"], r["path"]))
+        rows = summarize(records)
+        provenance = common.provenance(
+            {k: v for k, v in vars(args).items() if k != "base"},
+            ray_version=ray.__version__, cluster=sweep.cluster, workers=sweep.workers,
+            gpus_per_worker=sweep.gpus, worker_versions=sweep.worker_versions,
+            jobs=[{"model": j.name, "token": j.token, "source": j.source,
+                   "out_dir": j.out_dir, "state": j.state, "error": j.error,
+                   "written": j.n_written, "skipped": j.n_skipped, "failed": j.n_failed,
+                   "args": collect_args_record(j.args)} for j in jobs],
+            worker_deaths=sweep.deaths, tasks=sweep.task_log,
+            stage2_errors=sweep.stage2_errors, seconds=time.time() - started)
+        write_outputs(args.out, rows, records, provenance)
+        if rows:
+            print(f"[SWEEP] summary: {os.path.join(args.out, 'summary.csv')}", flush=True)
+        print(f"sweep: {written} files written, {skipped} skipped, {failed} failed", flush=True)
+        ok = failed == 0 and not any(j.error for j in jobs) and not sweep.stage2_errors
+        return 0 if ok else 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if own:
+            import ray
+
+            ray.shutdown()
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def collect_args_record(a) -> dict:
+    if a is None:
+        return {}
+    return {k: common._jsonable(v) for k, v in vars(a).items()}
+
+
+if __name__ == "__main__":
+    sys.exit(common.run_cli(main, parse_args, prog=PROG))

@@ -1,0 +1,223 @@
+"""sweep.py on a simulated two-node Ray cluster (two nodes of 1 CPU each, this machine).
+
+The sweeps are small (a linear and a tanh-of-linear digits classifier, a few
+images, -N 16): what is checked is the engine, not the numbers. Files must
+equal collect_gradients.py's bit for bit; faults (a worker killed mid-sweep,
+the driver killed with SIGKILL, a model that does not load) must lose nothing
+and write nothing twice.
+"""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import scipy.io
+
+ray = pytest.importorskip("ray")
+
+import collect_gradients  # noqa: E402
+import sweep  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["-d", "digits", "-N", "16", "-i", "5", "--no_progress", "-q"]
+#: Enough iterations that an image takes about a second: faults land mid-task.
+SLOW = ["-d", "digits", "-N", "16", "-i", "300", "--no_progress", "-q"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    for attempt in range(3):
+        # Ray gives a node 30 s to register; on a loaded 2-core machine that can run out.
+        c = Cluster(initialize_head=False)
+        try:
+            c.add_node(num_cpus=1, include_dashboard=False)
+            c.add_node(num_cpus=1)
+            c.wait_for_nodes()
+            break
+        except Exception:  # noqa: BLE001 - start again from scratch
+            c.shutdown()
+            if attempt == 2:
+                raise
+    yield c
+    if ray.is_initialized():
+        ray.shutdown()
+    c.shutdown()
+
+
+def _mats(folder):
+    return sorted(glob.glob(os.path.join(folder, "**", "*.mat"), recursive=True))
+
+
+def _sweep_cmd(cluster, models, save, out, extra):
+    return [sys.executable, os.path.join(ROOT, "sweep.py"), "--address", cluster.address,
+            "--workers", "2", "--models", models, "-s", str(save), "--out", str(out)] + extra
+
+
+def _env():
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT}
+
+
+def _wait_for_files(folder, n, proc, timeout=300):
+    start = time.time()
+    while len(_mats(folder)) < n:
+        assert proc.poll() is None, "the sweep ended before the fault was injected"
+        assert time.time() - start < timeout, "no result file appeared"
+        time.sleep(0.2)
+
+
+def test_sweep_matches_collect_gradients_on_two_nodes(cluster, tmp_path, linear_model_path,
+                                                      tanh_model_path, capsys):
+    bad = tmp_path / "broken.keras"
+    bad.write_bytes(b"this is not a zip archive")
+    save, out = tmp_path / "sweep", tmp_path / "out"
+    args = sweep.parse_args(["--address", cluster.address, "--workers", "2", "--models",
+                             f"{linear_model_path},{bad},{tanh_model_path}", "-n", "3",
+                             "-s", str(save), "--out", str(out)] + SMALL)
+    status = sweep.main(args)
+    err = capsys.readouterr().err
+    # The broken model fails its own job with one line; the others complete.
+    assert status == 1
+    lines = [ln for ln in err.splitlines() if "broken.keras" in ln]
+    assert len(lines) == 1 and lines[0].startswith("sweep.py: error: "), err[-2000:]
+
+    for model in (linear_model_path, tanh_model_path):
+        ref = tmp_path / "ref"
+        collect_gradients.main(collect_gradients.parse_args(
+            ["--model_path", model, "-n", "3", "-s", str(ref)] + SMALL))
+        name = "digits_" + os.path.splitext(os.path.basename(model))[0]
+        mine = sorted(os.listdir(save / name))
+        theirs = sorted(os.listdir(ref / name))
+        assert mine == theirs and len(mine) >= 6
+        for f in mine:
+            a = scipy.io.loadmat(save / name / f)
+            b = scipy.io.loadmat(ref / name / f)
+            for key in ("G1_max", "G2_max", "Gi_max", "g_x0", "pred"):
+                assert a[key].dtype == b[key].dtype and a[key].tobytes() == b[key].tobytes(), \
+                    (f, key)
+
+    prov = json.load(open(out / "provenance.json"))
+    assert prov["cluster"]["nodes"] == 2
+    score_nodes = {t["node"] for t in prov["tasks"] if t["kind"] == "score"}
+    assert len(score_nodes) == 2, "both nodes ran scoring tasks"
+    states = {j["model"]: j["state"] for j in prov["jobs"]}
+    assert states == {"linear": "done", "broken": "failed", "lintanh": "done"}
+    summary = open(out / "summary.csv").read().splitlines()
+    assert summary[0].startswith("model,dataset,info,norm,mean_clever,min_clever")
+    assert {row.split(",")[0] for row in summary[1:]} == {"linear", "lintanh"}
+    # Stage 2 agrees with clever.py's own fit of the same file.
+    import clever
+
+    rec = json.load(open(out / "records.json"))[0]
+    f = clever.load_stage1_file(rec["path"])
+    fit = clever.fit_reverse_weibull(f.maxima[clever.Norm.L2])
+    assert rec["norms"]["L2"]["bound_uncapped"] == pytest.approx(
+        clever.clever_bound(f.g_x0, fit.estimate), rel=1e-12)
+
+
+def test_a_killed_worker_loses_nothing(cluster, tmp_path, tanh_model_path):
+    save, out = tmp_path / "sweep", tmp_path / "out"
+    proc = subprocess.Popen(_sweep_cmd(cluster, tanh_model_path, save, out,
+                                       ["-n", "5", "--no_stage2"] + SLOW),
+                            cwd=str(tmp_path), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_files(save, 1, proc)
+        ray.init(address=cluster.address, namespace=sweep.NAMESPACE)
+        try:
+            pid = None
+            for entry in ray.util.list_named_actors(all_namespaces=True):
+                if not entry["name"].startswith("clever-sweep-"):
+                    continue
+                try:
+                    victim = ray.get_actor(entry["name"], namespace=entry["namespace"])
+                    # pid() answers at once, even while the actor scores an image.
+                    pid = ray.get(victim.pid.remote(), timeout=60)
+                    break
+                except (ValueError, ray.exceptions.RayError):
+                    continue  # that actor has just ended
+            assert pid is not None, ray.util.list_named_actors(all_namespaces=True)
+            os.kill(pid, signal.SIGKILL)
+        finally:
+            ray.shutdown()
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    files = _mats(save)
+    for f in files:
+        assert "G2_max" in scipy.io.loadmat(f)
+    prov = json.load(open(out / "provenance.json"))
+    assert prov["worker_deaths"] >= 1
+    written = [p for t in prov["tasks"] if t["kind"] == "score" for p in t["files"]]
+    assert len(written) == len(set(written)), "a file was written twice"
+    assert sorted(os.path.abspath(p) for p in written) == sorted(map(os.path.abspath, files))
+    ids = {os.path.basename(f).split("_")[2] for f in files}
+    assert len(files) == 3 * len(ids) and len(ids) >= 4
+    assert f"sweep: {len(files)} files written, 0 skipped, 0 failed" in stdout
+
+
+def test_a_killed_driver_resumes(cluster, tmp_path, tanh_model_path):
+    save, out = tmp_path / "sweep", tmp_path / "out"
+    cmd = _sweep_cmd(cluster, tanh_model_path, save, out, ["-n", "5", "--no_stage2"] + SLOW)
+    proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_files(save, 1, proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    first = {f: os.stat(f).st_mtime_ns for f in _mats(save)}
+    for f in first:  # only complete files: each one reads
+        assert "G2_max" in scipy.io.loadmat(f)
+    assert not os.path.exists(out / "provenance.json")
+
+    rerun = subprocess.run(cmd, cwd=str(tmp_path), env=_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    files = _mats(save)
+    ids = {os.path.basename(f).split("_")[2] for f in files}
+    assert len(files) == 3 * len(ids) and len(ids) >= 4
+    line = rerun.stdout.strip().splitlines()[-1]
+    assert line == (f"sweep: {len(files) - len(first)} files written, {len(first)} skipped, "
+                    "0 failed")
+    for f, mtime in first.items():  # kept, not recomputed
+        assert os.stat(f).st_mtime_ns == mtime
+    assert not glob.glob(os.path.join(save, "**", "*.part"), recursive=True)
+
+
+def test_bad_flags_fail_in_one_line():
+    from common import ToolError
+
+    with pytest.raises(ToolError, match="^-m: .*--models"):
+        sweep.parse_args(["--models", "normal", "-m", "normal"])
+    with pytest.raises(ToolError, match="--models"):
+        sweep.parse_args(["-d", "digits"])
+    with pytest.raises(ToolError, match="unrecognized arguments: --bogus"):
+        sweep.parse_args(["--models", "normal", "--bogus", "1"])
+
+
+def test_spec_file_lists_jobs(tmp_path, linear_model_path):
+    spec = tmp_path / "sweep.toml"
+    spec.write_text(f'[defaults]\nNsamps = 16\nNiters = 5\n\n[[job]]\nmodels = ["{linear_model_path}"]\n'
+                    f'numimg = 2\n\n[[job]]\nmodels = ["{linear_model_path}"]\nsave = "{tmp_path}/b"\n'
+                    'targets = ["top2", "least"]\n')
+    args = sweep.parse_args(["--spec", str(spec), "-d", "digits"])
+    jobs = sweep.build_jobs(args)
+    assert [j.error for j in jobs] == ["", ""]
+    assert [j.args.numimg for j in jobs] == [2, 1]
+    assert [j.args.Nsamps for j in jobs] == [16, 16]
+    assert jobs[1].out_dir == os.path.join(str(tmp_path), "b", "digits_linear")
+    assert [k.value for k in jobs[1].args.kinds] == ["top2", "least"]
