@@ -12,10 +12,10 @@ import io
 import json
 import logging
 import os
+import secrets
 import platform
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
@@ -290,9 +290,12 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
     os.makedirs(folder, exist_ok=True)
     # The suffix keeps a temporary file from matching '*.mat' (stage 2 searches
     # for those); the pid lets remove_stale_temp_files tell whose it is.
-    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-",
-                               suffix=f"-{os.path.basename(path)}.part", dir=folder)
+    # The name is made first and the file created inside the try: a Ctrl-C between
+    # creating it and entering the try (possible with mkstemp) would leave it behind.
+    tmp = os.path.join(folder, f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}-"
+                               f"{os.path.basename(path)}.part")
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
