@@ -490,15 +490,23 @@ class ModelWorker:
         if defended is not None:
             task.evaluated = defended[pos]  # g(x0) and its gradient at T(x0), as the CLI
         # Samples around the untransformed x0 (task.image), exactly as collect_gradients.
+        import converge
+
+        # --converge: a stopped image frees this worker for the next task at once.
+        rule = converge.rule_from_args(a)
         result = stage1.score_image(self.estimator, self.sampler, self.pool, task, targets,
                                     task.image, nsamps=a.Nsamps, niters=a.Niters, seed=a.seed,
-                                    order=a.order, on_iteration=on_iteration)
+                                    order=a.order, on_iteration=on_iteration,
+                                    stop_rule=converge.make_stop_rule(rule) if rule else None,
+                                    check_every=rule.check_every if rule else None)
+        extra = converge.provenance(rule, result.niters_used, a.Niters, result.checks)
         records = []
         for k, (target, path) in enumerate(pending):
             grad_x0 = None if result.grad_x0_norms is None else result.grad_x0_norms[k]
             records.append((path, stage1.mat_record(
                 a, task, target, result.results[k], path, model_name=self.name, dim=self.dim,
-                radius=self.sampler.radius, versions=self.versions, grad_x0_norm=grad_x0)))
+                radius=self.sampler.radius, versions=self.versions, grad_x0_norm=grad_x0,
+                extra=extra)))
         return {"records": records, "seconds": time.perf_counter() - t0,
                 "compute_seconds": compute[0], "first_iteration_seconds": first[0] or 0.0,
                 "iterations": result.niters_used, **self._where()}
