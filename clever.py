@@ -469,14 +469,14 @@ def stats_lines(result: RunResult) -> list[str]:
 # --------------------------------------------------------------------------
 # Summary files
 # --------------------------------------------------------------------------
-def _finite_or_none(value):
+def json_safe(value):
     """Strict JSON has no NaN/Infinity: write null (the status says why)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite_or_none(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -540,7 +540,7 @@ def write_summary(result: RunResult, path: str, args: Mapping | None = None) -> 
         "aggregates": [_aggregate_record(a) for a in result.aggregates],
         "errors": [{"path": p, "error": m} for p, m in result.errors],
     }
-    common.write_json(path, _finite_or_none(summary))
+    common.write_json(path, json_safe(summary))
 
     stem, _ = os.path.splitext(path)
     csv_path = stem + ".csv"

@@ -1100,6 +1100,8 @@ def _fmt(v) -> str:
 def write_outputs(out: str, rows: list[dict], records: list[dict], provenance: dict) -> None:
     import csv
 
+    import clever
+
     os.makedirs(out, exist_ok=True)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -1116,7 +1118,7 @@ def write_outputs(out: str, rows: list[dict], records: list[dict], provenance: d
                              "(`_uncapped`: the original tool's numbers); K-S pass rate: "
                              f"share of fits with p > {KS_ALPHA}.\n\n" + "\n".join(md) + "\n")
 
-    common.write_json(os.path.join(out, "records.json"), _finite(records))
+    common.write_json(os.path.join(out, "records.json"), clever.json_safe(records))
     fields = ("model", "dataset", "path", "id", "true_label", "target_label", "info", "order",
               "g_x0", "node")
     norm_fields = ("key", "estimate", "shape", "loc", "scale", "ks", "pval", "status", "bound",
@@ -1131,17 +1133,7 @@ def write_outputs(out: str, rows: list[dict], records: list[dict], provenance: d
             row += ["" if rec.get(k) is None else rec.get(k, "") for k in norm_fields]
         w.writerow(row)
     common.atomic_write_text(os.path.join(out, "records.csv"), buf.getvalue())
-    common.write_json(os.path.join(out, "provenance.json"), _finite(provenance))
-
-
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
+    common.write_json(os.path.join(out, "provenance.json"), clever.json_safe(provenance))
 
 
 def _raise_on_sigterm(signum, frame):

@@ -91,3 +91,23 @@ def digits_tanh_dir(trained_digits):
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return trained_digits.dir
+
+
+def quadratic_model(eigenvalues, seed=0):
+    """A model callable with logits [g(x), 0, 0], g(x) = 0.5 x'Ax + 10, A = Q diag(eigenvalues) Q'.
+
+    Its Hessian has the given eigenvalues everywhere: a known answer for second order.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    d = len(eigenvalues)
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, d)))
+    a = tf.constant(q @ np.diag(eigenvalues) @ q.T, tf.float32)
+
+    def model(x, training=False):
+        flat = tf.reshape(x, [-1, d])
+        g = 0.5 * tf.reduce_sum(flat * (flat @ a), axis=1) + 10.0
+        return tf.stack([g, tf.zeros_like(g), tf.zeros_like(g)], axis=1)
+
+    return model

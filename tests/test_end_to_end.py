@@ -12,7 +12,7 @@ import pytest
 
 import clever
 import collect_gradients
-from common import Norm, dual_norm, radius_cap
+from common import Norm, radius_cap
 
 
 def _stage1(tmp_path, model_path, extra):
@@ -23,9 +23,14 @@ def _stage1(tmp_path, model_path, extra):
     return tmp_path / "digits_linear"
 
 
+#: The gradient norm whose maximum bounds each bound norm (1/p + 1/q = 1), written out
+#: here rather than taken from common.dual_norm, which the test must be able to catch.
+DUAL_ORD = {Norm.L1: np.inf, Norm.L2: 2, Norm.LINF: 1}
+
+
 def _exact(w, c, j, norm):
     diff = w[:, c].astype(np.float64) - w[:, j]
-    return np.linalg.norm(diff, dual_norm(norm).ord)
+    return np.linalg.norm(diff, DUAL_ORD[norm])
 
 
 @pytest.mark.parametrize("sampler", ["tf", "shm"])

@@ -6,6 +6,8 @@ right answer is A's eigenvalues, written in each test.
 import numpy as np
 import pytest
 
+from conftest import quadratic_model
+
 from randsphere import BallSampler, SamplerPool
 
 SHAPE = (4, 4, 1)
@@ -14,26 +16,12 @@ SHAPE = (4, 4, 1)
 CLOSE = [50.0, -3.0, -2.95] + [0.5] * 13
 
 
-def _quadratic_model(eigenvalues, seed=0):
-    """Logits [g(x), 0, 0] with g(x) = 0.5 x'Ax + 10 and A = Q diag(eigenvalues) Q'."""
-    import tensorflow as tf
-
-    d = len(eigenvalues)
-    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, d)))
-    a = tf.constant(q @ np.diag(eigenvalues) @ q.T, tf.float32)
-
-    def model(x, training=False):
-        flat = tf.reshape(x, [-1, d])
-        g = 0.5 * tf.reduce_sum(flat * (flat @ a), axis=1) + 10.0
-        return tf.stack([g, tf.zeros_like(g), tf.zeros_like(g)], axis=1)
-
-    return model
 
 
 def _run(eigenvalues, power_iters, pool=None, niters=3, nsamps=48):
     from estimate_gradient_norm import GradientNormEstimator
 
-    est = GradientNormEstimator(_quadratic_model(eigenvalues), SHAPE, 32, order=2,
+    est = GradientNormEstimator(quadratic_model(eigenvalues), SHAPE, 32, order=2,
                                 power_iters=power_iters)
     return list(est.iterate(np.zeros(SHAPE, np.float32), 0, [1, 2], nsamps, niters, 1215, 3,
                             BallSampler.create("l2", 0.3), pool))

@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 import pytest
+
+from conftest import quadratic_model
 import scipy.io
 import scipy.stats
 
@@ -478,20 +480,6 @@ def test_ctrl_c_stops_cleanly(tmp_path, tanh_model_path):
 # --------------------------------------------------------------------------
 # Second order
 # --------------------------------------------------------------------------
-def _quadratic_model(eigenvalues, seed=0):
-    """Logits [g(x), 0, 0] with g(x) = 0.5 x'Ax + 10 and A = Q diag(eigenvalues) Q'."""
-    import tensorflow as tf
-
-    d = len(eigenvalues)
-    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, d)))
-    a = tf.constant(q @ np.diag(eigenvalues) @ q.T, tf.float32)
-
-    def model(x, training=False):
-        flat = tf.reshape(x, [-1, d])
-        g = 0.5 * tf.reduce_sum(flat * (flat @ a), axis=1) + 10.0
-        return tf.stack([g, tf.zeros_like(g), tf.zeros_like(g)], axis=1)
-
-    return model
 
 
 @pytest.mark.parametrize("eigenvalues,expected", [
@@ -504,7 +492,7 @@ def _quadratic_model(eigenvalues, seed=0):
 def test_curvature_of_a_quadratic_is_its_most_negative_eigenvalue(eigenvalues, expected):
     from estimate_gradient_norm import GradientNormEstimator
 
-    est = GradientNormEstimator(_quadratic_model(eigenvalues), (4, 4, 1), 32, order=2)
+    est = GradientNormEstimator(quadratic_model(eigenvalues), (4, 4, 1), 32, order=2)
     x0 = np.zeros((4, 4, 1), np.float32)
     stats = list(est.iterate(x0, 0, [1, 2], 32, 3, 1, 0, BallSampler.create("l2", 0.3)))
     for st in stats:
