@@ -12,7 +12,6 @@ TensorFlow-free at import: the estimator is passed in, and
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -52,17 +51,6 @@ class ImageResult:
     niters_used: int
     checks: list = field(default_factory=list)
     grad_x0_norms: np.ndarray | None = None
-
-
-def _iterate_kwargs(estimator, sync_every: int | None) -> dict:
-    """``sync_every`` only for an estimator whose iterate() takes it."""
-    if sync_every is None:
-        return {}
-    try:
-        params = inspect.signature(estimator.iterate).parameters
-    except (TypeError, ValueError):  # pragma: no cover - a C-level callable
-        return {}
-    return {"sync_every": int(sync_every)} if "sync_every" in params else {}
 
 
 def score_image(estimator, sampler, pool, task: "ImageTask", targets: Sequence["Target"],
@@ -112,9 +100,9 @@ def score_image(estimator, sampler, pool, task: "ImageTask", targets: Sequence["
     checks: list[dict] = []
     done = 0
     t_img = time.time()
+    # Chunks end where the rule checks, so stopping wastes no computed iteration.
     gen = estimator.iterate(x_model, task.predicted, labels, nsamps, niters, seed, task.img_id,
-                            sampler, pool,
-                            **_iterate_kwargs(estimator, check_every if stop_rule else None))
+                            sampler, pool, sync_every=check_every if stop_rule else None)
     try:
         for st in gen:
             grad[st.iteration] = st.grad_max
