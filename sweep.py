@@ -43,14 +43,9 @@ import argparse
 import contextlib
 import io
 import logging
-import math
 import os
-import platform
-import shutil
 import signal
 import sys
-import tarfile
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -60,6 +55,7 @@ import numpy as np
 
 import common
 from common import ToolError
+from sweep_worker import actor_class, pack, stage2_file
 
 log = logging.getLogger("clever.sweep")
 
@@ -318,286 +314,6 @@ def _model_source(job: Job) -> str:
     return path
 
 
-def _pack(path: str) -> tuple[str, bytes]:
-    """(base name, bytes) of a model file, or of a folder as an uncompressed tar."""
-    base = os.path.basename(os.path.normpath(path))
-    if os.path.isdir(path):
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            tar.add(path, arcname=base)
-        return base + "/", buf.getvalue()
-    with open(path, "rb") as fh:
-        return base, fh.read()
-
-
-def _unpack(blob: tuple[str, bytes], folder: str) -> str:
-    base, data = blob
-    if base.endswith("/"):
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
-            tar.extractall(folder, filter="data")
-        return os.path.join(folder, base[:-1])
-    path = os.path.join(folder, base)
-    with open(path, "wb") as fh:
-        fh.write(data)
-    return path
-
-
-# --------------------------------------------------------------------------
-# The worker (a Ray actor; the class is wrapped with ray.remote by _actor_class)
-# --------------------------------------------------------------------------
-class ModelWorker:
-    """One worker slot: loads a model once and scores its (image, targets) tasks.
-
-    The scoring is ``stage1.score_image``, as in ``collect_gradients.py``.
-    Constructed cheaply; :meth:`setup` loads a model (and may later load the
-    next model of the sweep into the same process, which saves starting
-    Python and TensorFlow again), so that a model that fails to load is a
-    value (one line naming its file), not a dead actor.
-    """
-
-    def __init__(self, gpu_growth: bool):
-        self.gpu_growth = gpu_growth
-        self.folder = ""
-        self.error = ""
-        self.estimator = None
-        self.pool = None
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def _where(self) -> dict:
-        import ray
-
-        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "host": platform.node()}
-
-    def setup(self, job_args, name: str, source: str, blob, images) -> dict:
-        """Load a model: ``blob`` (base name, bytes) of ``source`` (the driver's path, for
-        messages), or None; ``images`` float32 [n, *input_shape] the job's images."""
-        t0 = time.perf_counter()
-        self._release()
-        self.args, self.name, self.source, self.blob, self.images = (
-            job_args, name, source, blob, images)
-        self.error, self.estimator = "", None
-        if hasattr(self, "_defended_images"):
-            del self._defended_images
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        if self.gpu_growth:
-            # Actors sharing a GPU must not each reserve all of its memory.
-            os.environ["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
-        try:
-            self._load()
-        except ToolError as err:
-            self.error = str(err)
-        except Exception as err:  # noqa: BLE001 - any failure to load fails this job only
-            self.error = f"{self.source or self.name}: {type(err).__name__}: {err}"
-        if self.error and self.folder:
-            self.error = self.error.replace(self.path_on_worker, self.source)
-        return {"ok": not self.error, "error": self.error.splitlines()[0] if self.error else "",
-                "seconds": time.perf_counter() - t0, "versions": common.versions(),
-                **self._where()}
-
-    def _load(self) -> None:
-        a = self.args
-        self.path_on_worker = ""
-        if self.blob is not None:
-            self.folder = tempfile.mkdtemp(prefix="clever-sweep-")
-            self.path_on_worker = _unpack(self.blob, self.folder)
-        from randsphere import BallSampler
-
-        self.sampler = BallSampler.create(a.sample_norm, a.radius, a.uniform_ball)
-        common.set_seed(a.seed)  # before building, as collect_gradients: random weights agree
-        if a.dataset == "imagenet":
-            import setup_imagenet
-
-            local = argparse.Namespace(**vars(a))
-            if self.path_on_worker:
-                if a.model_path:
-                    local.model_path = self.path_on_worker
-                else:
-                    local.weights = self.path_on_worker
-            model = _imagenet_model(local)
-        else:
-            import models
-
-            model = models.load_model(a.dataset, a.model_name, a.activation,
-                                      model_path=self.path_on_worker or a.model_path,
-                                      models_dir=a.models_dir)
-        self.estimator = self._estimator(model)
-        self.versions = common.versions()
-        self.dim = int(np.prod(self.images.shape[1:]))
-        self.pool = None
-
-    def _estimator(self, model):
-        """The estimator exactly as collect_gradients.main builds it (order-2 check included)."""
-        import collect_gradients
-        from estimate_gradient_norm import GradientNormEstimator
-
-        a = self.args
-        if a.order == 2 and not a.force_order2:
-            flat = collect_gradients.piecewise_linear_layers(model)
-            if flat:
-                raise ToolError(f"{self.source or self.name}: --order 2: the model has "
-                                f"piecewise-linear activations ({', '.join(flat[:3])}); its "
-                                "Hessian is zero almost everywhere. Use a smooth model or "
-                                "--force_order2")
-        return GradientNormEstimator(model, self.images.shape[1:], a.batch_size,
-                                     **collect_gradients._estimator_options(
-                                         a, GradientNormEstimator))
-
-    def _defended(self) -> np.ndarray | None:
-        """T(x0) of the job's images with --transform (the defended classifier), else None."""
-        if not hasattr(self, "_defended_images"):
-            self._defended_images = None
-            if self.args.transform:
-                import defense
-
-                self._defended_images = defense.apply_transform(self.args.transform,
-                                                                self.images)
-        return self._defended_images
-
-    def plan(self) -> dict:
-        """Logits [n, K] at the job's clean images (what target selection needs)."""
-        if self.error or self.estimator is None:
-            return {"ok": False, "error": self.error or "the model is not loaded", **self._where()}
-        t0 = time.perf_counter()
-        defended = self._defended()
-        logits = self.estimator.logits(self.images if defended is None else defended)
-        return {"ok": True, "logits": np.asarray(logits), "seconds": time.perf_counter() - t0,
-                **self._where()}
-
-    def score(self, pos: int, task, pending: list) -> dict:
-        """Score one image for its pending targets; returns the .mat records (path, keys)."""
-        import stage1
-
-        t0 = time.perf_counter()
-        a = self.args
-        if a.sampler == "shm" and self.pool is None:
-            from randsphere import SamplerPool
-
-            self.pool = SamplerPool(self.sampler, self.images.shape[1:], a.batch_size,
-                                    a.nthreads, a.transform or None)
-        compute = [0.0]
-        first = [None]
-
-        def on_iteration(st):
-            compute[0] += st.seconds
-            if first[0] is None:   # the first call of a fresh actor traces the function
-                first[0] = st.seconds
-
-        targets = [t for t, _ in pending]
-        defended = self._defended()
-        if defended is not None:
-            task.evaluated = defended[pos]  # g(x0) and its gradient at T(x0), as the CLI
-        # Samples around the untransformed x0 (task.image), exactly as collect_gradients.
-        import converge
-
-        # --converge: a stopped image frees this worker for the next task at once.
-        rule = converge.rule_from_args(a)
-        result = stage1.score_image(self.estimator, self.sampler, self.pool, task, targets,
-                                    task.image, nsamps=a.Nsamps, niters=a.Niters, seed=a.seed,
-                                    order=a.order, on_iteration=on_iteration,
-                                    stop_rule=converge.make_stop_rule(rule) if rule else None,
-                                    check_every=rule.check_every if rule else None)
-        extra = converge.provenance(rule, result.niters_used, a.Niters, result.checks)
-        records = []
-        for k, (target, path) in enumerate(pending):
-            grad_x0 = None if result.grad_x0_norms is None else result.grad_x0_norms[k]
-            records.append((path, stage1.mat_record(
-                a, task, target, result.results[k], path, model_name=self.name, dim=self.dim,
-                radius=self.sampler.radius, versions=self.versions, grad_x0_norm=grad_x0,
-                extra=extra)))
-        return {"records": records, "seconds": time.perf_counter() - t0,
-                "compute_seconds": compute[0], "first_iteration_seconds": first[0] or 0.0,
-                "iterations": result.niters_used, **self._where()}
-
-    def _release(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-            self.pool = None
-        if self.folder:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.folder = ""
-        self.estimator = None
-
-    def close(self) -> None:
-        """Release the sampling pool and the model's temporary copy, then end the actor."""
-        import ray
-
-        self._release()
-        ray.actor.exit_actor()
-
-
-def _actor_class(ray):
-    """ModelWorker as a Ray actor class; ``pid`` answers even while a task runs.
-
-    No automatic restarts or retries: the driver resubmits the task of a dead
-    actor itself, so that it knows what was lost and writes every file once.
-    """
-    class Worker(ModelWorker):
-        @ray.method(concurrency_group="control")
-        def pid(self) -> int:
-            return os.getpid()
-
-    Worker.__name__ = Worker.__qualname__ = "ModelWorker"
-    return ray.remote(concurrency_groups={"control": 1}, max_restarts=0,
-                      max_task_retries=0)(Worker)
-
-
-def _imagenet_model(args):
-    """The ImageNet model of collect_gradients' --dataset imagenet (setup_imagenet)."""
-    import setup_imagenet
-
-    model_path = getattr(args, "model_path", None)
-    if model_path and not model_path.lower().endswith(".pb"):
-        return setup_imagenet.load_user_model(model_path)
-    return setup_imagenet.get_model(args.model_name, model_path or args.weights,
-                                    getattr(args, "input_size", None),
-                                    models_dir=args.models_dir or setup_imagenet.DEFAULT_MODELS_DIR,
-                                    drop_background=bool(getattr(args, "drop_background", False)))
-
-
-def stage2_file(name: str, data: bytes, method: str, shape_reg: float) -> dict:
-    """Stage 2 of one file (a Ray CPU task): clever.py's fit and bounds per bound norm.
-
-    ``data``: the .mat file's bytes (no shared file system). Returns a JSON-ready
-    record, or ``{"error": message}``.
-    """
-    import ray
-
-    import clever
-
-    t0 = time.perf_counter()
-    where = {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
-    folder = tempfile.mkdtemp(prefix="clever-sweep-s2-")
-    try:
-        path = os.path.join(folder, os.path.basename(name))
-        with open(path, "wb") as fh:
-            fh.write(data)
-        try:
-            f = clever.load_stage1_file(path)
-        except ToolError as err:
-            return {"error": str(err).replace(path, name), **where}
-        norms = {}
-        for norm, samples in f.maxima.items():
-            fit = clever.fit_reverse_weibull(samples, method, shape_reg)
-            if f.order == 1:
-                uncapped = clever.clever_bound(f.g_x0, fit.estimate)
-            else:
-                uncapped = clever.second_order_bound(f.g_x0, f.grad_norm, fit.estimate)
-            cap = clever.cap_for(f.radius, f.sample_norm, norm, f.dim)
-            bound = uncapped if cap is None or math.isnan(uncapped) else min(uncapped, cap)
-            norms[norm.label] = {"key": f.keys[norm], "estimate": fit.estimate,
-                                 "shape": fit.shape, "loc": fit.loc, "scale": fit.scale,
-                                 "ks": fit.ks, "pval": fit.pval, "status": fit.status.value,
-                                 "bound": bound, "bound_uncapped": uncapped, "cap": cap}
-        return {"path": name, "id": f.img_id, "true_label": f.true_label,
-                "target_label": f.target_label, "info": f.info, "order": f.order,
-                "g_x0": f.g_x0, "norms": norms, "seconds": time.perf_counter() - t0, **where}
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------
 # Ray plumbing
 # --------------------------------------------------------------------------
@@ -685,7 +401,7 @@ class Sweep:
         self.deaths = 0
         self.written: list[str] = []
         self.bar = None
-        self.actor_cls = _actor_class(ray)
+        self.actor_cls = actor_class(ray)
         self.stage2_fn = ray.remote(num_cpus=1, max_retries=args.max_retries)(stage2_file)
         self.sched_seconds = 0.0
 
@@ -745,7 +461,7 @@ class Sweep:
         job.ids, job.user_targets = collect_gradients._image_ids(a, len(job.test_data))
         images = np.ascontiguousarray(job.test_data[job.ids], dtype=np.float32)
         job.images_ref = self.ray.put(images)
-        job.blob_ref = self.ray.put(_pack(job.source)) if job.source else self.ray.put(None)
+        job.blob_ref = self.ray.put(pack(job.source)) if job.source else self.ray.put(None)
 
     # -- submission ------------------------------------------------------------
     def _submit(self, kind: str, slot, ref, payload) -> None:
