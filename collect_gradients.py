@@ -317,17 +317,9 @@ def main(args) -> int:
     clean = test_data[ids]
     defended = None
     if transform:
-        import defense
-
-        from randsphere import transform_rng
-
         # The defended classifier f(T(x0)) gives g(x0) and the targets; the samples are
-        # drawn around the untransformed x0 (BPDA as the original). A random T (defend_tv)
-        # gets each image's own stream, so T(x0) does not depend on the other images.
-        defended = np.concatenate([
-            defense.apply_transform(transform, clean[k:k + 1],
-                                    rng=transform_rng((args.seed, img_id, -1, 0)))
-            for k, img_id in enumerate(ids)]) if len(ids) else clean
+        # drawn around the untransformed x0 (BPDA as the original).
+        defended = stage1.defended_points(transform, clean, ids, args.seed)
     logits = estimator.logits(clean if defended is None else defended)
     # A 1001-output model's class 0 is "background": never a target (as the original).
     tasks = utils.generate_data(test_data, test_labels, logits, ids, args.kinds, args.seed,

@@ -137,6 +137,26 @@ def score_image(estimator, sampler, pool, task: "ImageTask", targets: Sequence["
     return ImageResult(results, done, checks, grad_x0)
 
 
+def defended_points(transform: str, images: np.ndarray, ids: Sequence[int],
+                    seed: int) -> np.ndarray:
+    """T(x0) of each image: float32 [n, *input_shape], the defended classifier's inputs.
+
+    ``images[k]`` is test image ``ids[k]``. A random transformation
+    (defend_tv) draws each image's mask from its own stream (seed, image id),
+    so T(x0) does not depend on which other images are in the run, nor on
+    which driver (collect_gradients.py or a sweep worker) computes it.
+    """
+    import defense
+    from randsphere import transform_rng
+
+    if not len(ids):
+        return images
+    return np.concatenate([
+        defense.apply_transform(transform, images[k:k + 1],
+                                rng=transform_rng((seed, int(img_id), -1, 0)))
+        for k, img_id in enumerate(ids)])
+
+
 # --------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------

@@ -426,7 +426,7 @@ class Sweep:
         slot.job, slot.ready, slot.busy = job, False, False
         job.actors += 1
         self._submit("setup", slot, slot.handle.setup.remote(
-            job.args, job.name, job.source, job.blob_ref, job.images_ref), None)
+            job.args, job.name, job.source, job.blob_ref, job.images_ref, job.ids), None)
         if job.state == "new":
             job.state = "planning"
             self._submit("plan", slot, slot.handle.plan.remote(), None)

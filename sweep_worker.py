@@ -77,13 +77,14 @@ class ModelWorker:
         return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                 "host": platform.node()}
 
-    def setup(self, job_args, name: str, source: str, blob, images) -> dict:
+    def setup(self, job_args, name: str, source: str, blob, images, ids) -> dict:
         """Load a model: ``blob`` (base name, bytes) of ``source`` (the driver's path, for
-        messages), or None; ``images`` float32 [n, *input_shape] the job's images."""
+        messages), or None; ``images`` float32 [n, *input_shape] the job's images, test
+        images ``ids``."""
         t0 = time.perf_counter()
         self._release()
-        self.args, self.name, self.source, self.blob, self.images = (
-            job_args, name, source, blob, images)
+        self.args, self.name, self.source, self.blob, self.images, self.ids = (
+            job_args, name, source, blob, images, list(ids))
         self.error, self.estimator = "", None
         if hasattr(self, "_defended_images"):
             del self._defended_images
@@ -156,10 +157,10 @@ class ModelWorker:
         if not hasattr(self, "_defended_images"):
             self._defended_images = None
             if self.args.transform:
-                import defense
+                import stage1
 
-                self._defended_images = defense.apply_transform(self.args.transform,
-                                                                self.images)
+                self._defended_images = stage1.defended_points(
+                    self.args.transform, self.images, self.ids, self.args.seed)
         return self._defended_images
 
     def plan(self) -> dict:
