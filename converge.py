@@ -16,8 +16,17 @@ keeps the history of one image.
 The rule (all of it must hold at a check, for every (target, norm) column):
 
 * at least ``min_iters`` batches have been collected (checks before are skipped);
-* the fitted estimate moved by less than ``tol`` (relative) since the previous
-  check, at each of the last ``stable_checks`` checks;
+* the fitted estimate moved, since the previous check, by less than ``tol``
+  (relative) or by less than ``noise_factor`` times its own sampling noise, at
+  each of the last ``stable_checks`` checks. The noise is measured on the run
+  itself: stage 2's fit of the even-numbered and of the odd-numbered batches
+  (two independent half runs) differ by ``spread`` = |fit_even - fit_odd| /
+  estimate. A move smaller than that is a move the data cannot resolve, and
+  sampling further would only trade it for another of the same size: on ReLU
+  networks, whose largest gradient norms keep rising slowly, the estimate never
+  settles to 1% while two seeds of the full run differ by tens of percent.
+  The halves are fitted only at checks where some column moved by ``tol`` or
+  more; ``noise_factor`` 0 turns the criterion off (the fixed-tolerance rule);
 * the fit is accepted: its K-S p-value is above ``min_pvalue``, or the column is
   degenerate (one value, e.g. a linear model, whose maximum is exact).
 
@@ -57,14 +66,16 @@ class ConvergenceRule:
     ``check_every``: batches between checks (checks fall on iterations that are
     multiples of ``check_every`` and at least ``min_iters``).
     ``stable_checks``: how many consecutive checks must each show a change below
-    ``tol``. ``min_pvalue``: smallest K-S p-value of an accepted fit.
+    the threshold. ``noise_factor``: a change below ``noise_factor * spread`` also
+    counts as stable (0: only ``tol``). ``min_pvalue``: smallest K-S p-value of an accepted fit.
     ``method``, ``shape_reg`` and ``penalize``: stage 2's fit (its defaults).
     """
 
     tol: float
-    min_iters: int = 50
+    min_iters: int = 100
     check_every: int = 25
     stable_checks: int = 1
+    noise_factor: float = 2.0
     min_pvalue: float = MIN_PVALUE
     method: str = "mle_reg"
     shape_reg: float = 0.01
@@ -79,6 +90,8 @@ class ConvergenceRule:
             raise ToolError(f"--check_every: must be a positive integer, not {self.check_every}")
         if not (isinstance(self.stable_checks, (int, np.integer)) and self.stable_checks >= 1):
             raise ToolError(f"stable_checks: must be a positive integer, not {self.stable_checks}")
+        if not (math.isfinite(self.noise_factor) and self.noise_factor >= 0):
+            raise ToolError(f"--converge_noise: must be a number >= 0, not {self.noise_factor}")
         if not 0.0 <= self.min_pvalue < 1.0:
             raise ToolError(f"min_pvalue: must be in [0, 1), not {self.min_pvalue}")
 
@@ -112,7 +125,25 @@ class ConvergenceRule:
             raise ValueError(f"maxima has {m.shape[0]} rows, fewer than the {iteration_done} "
                              "iterations done")
         estimates, pvalues, exact = self.fit_columns(m)
-        return self.decide(iteration_done, estimates, pvalues, exact, history)
+        spread = (self.spread_columns(m, estimates)
+                  if self.needs_spread(estimates, history) else None)
+        return self.decide(iteration_done, estimates, pvalues, exact, history, spread)
+
+    def needs_spread(self, estimates: np.ndarray, history: Sequence["Check"] = ()) -> bool:
+        """Whether the half-run fits can change the decision: some column moved by
+        ``tol`` or more since the previous check, and the noise criterion is on."""
+        if self.noise_factor <= 0 or not history:
+            return False
+        return bool(np.any(relative_change(estimates, history[-1].estimates) >= self.tol))
+
+    def spread_columns(self, maxima: np.ndarray, estimates: np.ndarray) -> np.ndarray:
+        """Sampling noise of every column's estimate, [T, K]: |fit(even batches) -
+        fit(odd batches)| / |estimate|, from ``maxima`` [it, T, K] (0 where the
+        estimate is exact or 0; +inf where a half cannot be fitted)."""
+        m = _as_3d(maxima)
+        even, _, _ = self.fit_columns(m[0::2])
+        odd, _, _ = self.fit_columns(m[1::2])
+        return half_spread(even, odd, estimates)
 
     def fit_columns(self, maxima: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Stage 2's fit of every column of ``maxima`` [it, T, K].
@@ -134,16 +165,23 @@ class ConvergenceRule:
         return estimates, pvalues, exact
 
     def decide(self, iteration_done: int, estimates: np.ndarray, pvalues: np.ndarray,
-               exact: np.ndarray, history: Sequence["Check"] = ()) -> "Check":
-        """The rule's decision from fitted columns ([T, K] arrays of :meth:`fit_columns`)
-        and the earlier checks (pure; :meth:`check` = fit_columns + decide)."""
+               exact: np.ndarray, history: Sequence["Check"] = (),
+               spread: np.ndarray | None = None) -> "Check":
+        """The rule's decision from fitted columns ([T, K] arrays of :meth:`fit_columns`),
+        the earlier checks and, where fitted, the half-run ``spread`` [T, K] of
+        :meth:`spread_columns` (None: not fitted, the threshold is ``tol``). Pure:
+        :meth:`check` = fit_columns + (spread_columns) + decide."""
         estimates = np.asarray(estimates, np.float64)
         pvalues = np.asarray(pvalues, np.float64)
         accepted = np.asarray(exact, bool) | (pvalues > self.min_pvalue)  # NaN never accepted
         change = np.full(estimates.shape, np.inf)
         if history:
             change = relative_change(estimates, history[-1].estimates)
-        stable = bool(np.all(change < self.tol))
+        threshold = np.full(estimates.shape, float(self.tol))
+        if spread is not None:
+            noise = self.noise_factor * np.asarray(spread, np.float64)
+            threshold = np.maximum(threshold, np.where(np.isfinite(noise), noise, 0.0))
+        stable = bool(np.all(change < threshold))
         # Stop after ``stable_checks`` consecutive stable checks, this one included,
         # with every fit accepted now.
         need = self.stable_checks - 1
@@ -152,7 +190,8 @@ class ConvergenceRule:
         stop = (iteration_done >= self.min_iters and stable and enough
                 and bool(np.all(accepted)))
         return Check(iteration=int(iteration_done), estimates=estimates, pvalues=pvalues,
-                     change=change, accepted=accepted, stable=stable, stop=stop)
+                     change=change, accepted=accepted, stable=stable, stop=stop,
+                     spread=None if spread is None else np.asarray(spread, np.float64))
 
     def fit(self, samples: np.ndarray):
         """Stage 2's fit of one column of maxima with this rule's settings."""
@@ -176,13 +215,25 @@ def relative_change(new: np.ndarray, old: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(out), out, np.inf)
 
 
+def half_spread(a: np.ndarray, b: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """The half-run spread |a - b| / |ref| elementwise (a, b: the estimates of the
+    even and odd batches; ref: the estimate of all), 0 where a equals b, +inf
+    where undefined."""
+    a, b, ref = (np.asarray(v, np.float64) for v in (a, b, ref))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.abs(a - b) / np.abs(ref)
+    out = np.where(a == b, 0.0, out)
+    return np.where(np.isfinite(out), out, np.inf)
+
+
 @dataclass(frozen=True)
 class Check:
     """One check of an image: ``estimates``, ``pvalues``, ``change`` and
     ``accepted`` are [T, K] (Lipschitz estimates in the units of the maxima,
     K-S p-values (-1 without a fit), relative change since the previous check
-    (inf at the first), fit accepted); ``stable``: every change below tol;
-    ``stop``: the rule says stop after ``iteration`` batches."""
+    (inf at the first), fit accepted); ``stable``: every change below its
+    threshold; ``stop``: the rule says stop after ``iteration`` batches;
+    ``spread``: [T, K] half-run noise where it was fitted, else None."""
 
     iteration: int
     estimates: np.ndarray
@@ -191,11 +242,13 @@ class Check:
     accepted: np.ndarray
     stable: bool
     stop: bool
+    spread: np.ndarray | None = None
 
     def to_record(self) -> dict:
         """A JSON-ready dict (NaN and inf become None) for files' provenance."""
         return {"iteration": self.iteration, "estimates": _jsonable(self.estimates),
                 "pvalues": _jsonable(self.pvalues), "change": _jsonable(self.change),
+                "spread": None if self.spread is None else _jsonable(self.spread),
                 "stable": self.stable, "stop": self.stop}
 
 
@@ -272,13 +325,18 @@ def add_arguments(group) -> None:
     d = ConvergenceRule(tol=0.01)
     group.add_argument("--converge", type=float, default=None, metavar="TOL",
                        help="stop an image early once every Lipschitz estimate (stage 2's fit, "
-                            "every target and norm) moved by less than TOL (relative, e.g. "
-                            f"0.01) between checks and its K-S p-value is above {d.min_pvalue:g}; "
-                            "default: off, all --Niters batches (the original)")
+                            "every target and norm) moved between checks by less than TOL "
+                            "(relative, e.g. 0.01) or less than its own sampling noise (see "
+                            "--converge_noise), and its K-S p-value is above "
+                            f"{d.min_pvalue:g}; default: off, all --Niters batches (the original)")
     group.add_argument("--min_iters", type=int, default=d.min_iters,
                        help="--converge: batches before the first check")
     group.add_argument("--check_every", type=int, default=d.check_every,
                        help="--converge: batches between checks")
+    group.add_argument("--converge_noise", type=float, default=d.noise_factor, metavar="F",
+                       help="--converge: a move smaller than F times the estimate's sampling "
+                            "noise (fits of the even and of the odd batches) also counts as "
+                            "converged; 0: only TOL (default %(default)s)")
 
 
 def rule_from_args(args) -> ConvergenceRule | None:
@@ -286,4 +344,5 @@ def rule_from_args(args) -> ConvergenceRule | None:
     if getattr(args, "converge", None) is None:
         return None
     return ConvergenceRule(tol=float(args.converge), min_iters=int(args.min_iters),
-                           check_every=int(args.check_every))
+                           check_every=int(args.check_every),
+                           noise_factor=float(getattr(args, "converge_noise", 2.0)))

@@ -546,20 +546,26 @@ def load_model(dataset: str, model_name: str = "normal", activation: str = "relu
     [batch, 10] logits for the data set's images.
     """
     input_shape = INPUT_SHAPES.get(dataset)
-    if model_path:
-        path = model_path
-    else:
-        path = models_path(dataset, model_name, activation, models_dir)
-        if not os.path.exists(path):
-            path = _fallback_path(dataset, model_name, activation, models_dir) or path
-        if not os.path.exists(path):
-            raise ToolError(f"{path}: model file not found; train it with: "
-                            f"{_train_hint(dataset, model_name, activation, models_dir)}")
+    path = model_path or model_file(dataset, model_name, activation, models_dir)
     model, notice = logits_model(load_model_file(path, input_shape), path)
     if notice:
         log.warning("%s", notice)
     check_logits(model, path, input_shape, NUM_CLASSES if input_shape else None)
     return model
+
+
+def model_file(dataset: str, model_name: str, activation: str = "relu",
+               models_dir: str = "models") -> str:
+    """The existing file (or SavedModel folder) of a named model: :func:`models_path`,
+    else the other names it may be stored under; a ToolError saying how to train
+    it when there is none."""
+    path = models_path(dataset, model_name, activation, models_dir)
+    if not os.path.exists(path):
+        path = _fallback_path(dataset, model_name, activation, models_dir) or path
+    if not os.path.exists(path):
+        raise ToolError(f"{path}: model file not found; train it with: "
+                        f"{_train_hint(dataset, model_name, activation, models_dir)}")
+    return path
 
 
 def _fallback_path(dataset: str, model_name: str, activation: str, models_dir: str) -> str | None:

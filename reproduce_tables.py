@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import enum
+import functools
 import hashlib
 import io
 import json
@@ -211,6 +212,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     g.add_argument("--ifgsm_loss", choices=tuple(IFGSM_LOSSES), default="xent_then_margin",
                    help="loss I-FGSM ascends: cross-entropy, the logit margin, or "
                         "cross-entropy and then the margin on the images it failed")
+    g = p.add_argument_group("cluster (the engine of sweep.py)")
+    g.add_argument("--address", default=None,
+                   help="run stage 1 (as sweep.py) and the attacks as Ray jobs: 'local' starts "
+                        "Ray on this machine, 'auto' or ray://HOST:PORT joins a cluster "
+                        "(default: everything in this process)")
+    g.add_argument("--workers", type=int, default=0,
+                   help="--address: stage-1 model actors (0: as sweep.py)")
+    g.add_argument("--num_cpus", type=int, default=0,
+                   help="--address local: CPUs of the local Ray (0: all of this machine's)")
     g = p.add_argument_group("output")
     g.add_argument("-o", "--out", default=None, help="tables folder (default results/<dataset>)")
     g.add_argument("-s", "--save", default=os.path.join("lipschitz_mat", "tables"),
@@ -237,6 +247,13 @@ def _validate(args: argparse.Namespace) -> None:
     check_positive("--ifgsm_iterations", args.ifgsm_iterations)
     check_positive("--cw_binary_steps", args.cw_binary_steps)
     check_positive("--nthreads", args.nthreads, allow_zero=True)
+    check_positive("--workers", args.workers, allow_zero=True)
+    check_positive("--num_cpus", args.num_cpus, allow_zero=True)
+    if args.address is not None and not (
+            args.address in ("local", "auto") or args.address.startswith("ray://")
+            or ":" in args.address):
+        raise ToolError(f"--address: {args.address!r} is not local, auto, ray://HOST:PORT "
+                        "or HOST:PORT")
     if args.cw_iterations is not None:
         check_positive("--cw_iterations", args.cw_iterations)
     if args.Niters < 3:
@@ -705,24 +722,44 @@ def _mat_files(folder: str) -> list[str]:
 
 
 def run_stage1(args, model: str, save: str, targets: str, log_path: str) -> int:
-    """collect_gradients in this process, its stdout lines into ``log_path``; returns new files."""
+    """Stage 1 of ``model``, its stdout lines into ``log_path``; returns new files.
+
+    In this process (``collect_gradients.main``) or, with ``--address``, as a
+    ``sweep.py`` job on Ray: the same flags, the same files (bit for bit) in
+    the same folder."""
     import collect_gradients
 
     folder = common.output_dir(save, args.dataset, model)
     before = len(_mat_files(folder))
-    argv = ["--dataset", args.dataset, "--model_name", model, "--models_dir", args.models_dir,
-            "--data_dir", args.data_dir, "--numimg", str(args.numimg),
-            "--firstimg", str(args.firstimg), "--Nsamps", str(args.Nsamps),
-            "--Niters", str(args.Niters), "--radius", repr(args.radius),
-            "--seed", str(args.seed), "--targets", targets,
-            "--save", save] + (["--overwrite"] if args.overwrite else []) \
+    shared = ["--dataset", args.dataset, "--models_dir", args.models_dir,
+              "--data_dir", args.data_dir, "--numimg", str(args.numimg),
+              "--firstimg", str(args.firstimg), "--Nsamps", str(args.Nsamps),
+              "--Niters", str(args.Niters), "--radius", repr(args.radius),
+              "--seed", str(args.seed), "--targets", targets,
+              "--save", save] + (["--overwrite"] if args.overwrite else []) \
         + (["--no_progress"] if args.no_progress else [])
-    s1 = collect_gradients.parse_args(argv)
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "w") as fh, contextlib.redirect_stdout(fh):
-        print(f"# collect_gradients.py {' '.join(argv)}")
-        collect_gradients.main(s1)
+        if args.address is None:
+            argv = ["--model_name", model] + shared
+            print(f"# collect_gradients.py {' '.join(argv)}")
+            collect_gradients.main(collect_gradients.parse_args(argv))
+        else:
+            import sweep
+
+            out = os.path.join(os.path.dirname(log_path),
+                               os.path.splitext(os.path.basename(log_path))[0] + "_sweep")
+            argv = ["--models", model, "--address", _ray_address(args.address),
+                    "--workers", str(args.workers), "--no_stage2", "--out", out] + shared
+            print(f"# sweep.py {' '.join(argv)}", flush=True)
+            if sweep.main(sweep.parse_args(argv)) != 0:
+                raise ToolError(f"stage 1 of {model} on Ray failed; see {log_path}")
     return len(_mat_files(folder)) - before
+
+
+def _ray_address(address: str) -> str:
+    """sweep.py's --address for ours ('local' is sweep's '')."""
+    return "" if address == "local" else address
 
 
 def _summary_is_current(summary: str, folder: str) -> bool:
@@ -856,7 +893,8 @@ def _attack_record(attack: Attack, img_id: int, target: int, res, k: int, second
 
 def run_attacks(model, images: Mapping[int, np.ndarray], pairs: Sequence[tuple[int, int]],
                 untargeted_ids: Sequence[int], settings: AttackSettings,
-                cached: dict[str, dict], save) -> tuple[dict[str, dict], int]:
+                cached: dict[str, dict], save,
+                only: Sequence[Attack] = tuple(Attack)) -> tuple[dict[str, dict], int]:
     """Attack what ``cached`` lacks; returns (all records, number computed now).
 
     ``images``: id -> [H, W, C] float32 in the data range; ``pairs``:
@@ -867,6 +905,7 @@ def run_attacks(model, images: Mapping[int, np.ndarray], pairs: Sequence[tuple[i
     distilled model's huge logits), the logit margin's does not. Each record
     says which loss succeeded. ``save`` is called after each attack
     batch (``save(attack, records)``), so an interrupted run keeps what it finished.
+    ``only``: the attacks to run (default all).
     """
     import attacks
 
@@ -886,8 +925,8 @@ def run_attacks(model, images: Mapping[int, np.ndarray], pairs: Sequence[tuple[i
                Attack.IFGSM_L2: ifgsm(Norm.L2, settings.l2_eps)}
     records = dict(cached)
     computed = 0
-    jobs = [(a, list(pairs), True) for a in Attack] + \
-        [(a, [(i, -1) for i in untargeted_ids], False) for a in Attack]
+    jobs = [(a, list(pairs), True) for a in only] + \
+        [(a, [(i, -1) for i in untargeted_ids], False) for a in only]
     for attack, items, targeted in jobs:
         todo = [(i, t) for i, t in items if attack_key(attack, i, t) not in records]
         if not todo:
@@ -913,6 +952,38 @@ def run_attacks(model, images: Mapping[int, np.ndarray], pairs: Sequence[tuple[i
             left = left[~res.success]
         computed += len(todo)
         save(attack, records)
+    return records, computed
+
+
+def run_attacks_ray(dataset: str, model_path: str, model, images: Mapping[int, np.ndarray],
+                    pairs: Sequence[tuple[int, int]], untargeted_ids: Sequence[int],
+                    settings: AttackSettings, cached: dict[str, dict],
+                    save) -> tuple[dict[str, dict], int]:
+    """:func:`run_attacks` with one Ray task per attack (``sweep_worker.attack_task``).
+
+    The workers load the ``dataset`` model from ``model_path``'s bytes (no shared file
+    system) and return their records; ``save`` runs here as each attack ends.
+    ``model`` (loaded here) is not used: the signature is run_attacks'.
+    """
+    import ray
+
+    import sweep_worker
+
+    del model
+    blob = ray.put(sweep_worker.pack(model_path))
+    task = ray.remote(num_cpus=1, max_retries=3)(sweep_worker.attack_task)
+    refs = {task.remote(blob, dataset, dict(images), list(pairs), list(untargeted_ids), settings,
+                        {k: v for k, v in cached.items() if v["attack"] == a.value}, a.value): a
+            for a in Attack}
+    records, computed, pending = dict(cached), 0, list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        result = ray.get(done[0])
+        if "error" in result:
+            raise ToolError(f"{refs[done[0]].value} on Ray: {result['error']}")
+        records.update(result["records"])
+        computed += result["computed"]
+        save(refs[done[0]], records)
     return records, computed
 
 
@@ -1004,6 +1075,8 @@ class ModelRun:
 def process_model(args, name: str, model, ids: Sequence[int], test_data: np.ndarray,
                   settings: AttackSettings, steps) -> ModelRun:
     """Stage 1, stage 2 and the attacks for one model, each reused where already done."""
+    import models
+
     seconds: dict[str, float] = {}
     digest = weights_digest(model)
     root = stage1_root(args.save, args.dataset, name, digest, args)
@@ -1050,7 +1123,10 @@ def process_model(args, name: str, model, ids: Sequence[int], test_data: np.ndar
     pairs = [(r["id"], r["target"]) for r in rows if r["kind"] != Kind.UNTARGETED.value]
     untargeted_ids = [r["id"] for r in rows if r["kind"] == Kind.UNTARGETED.value]
     images = {i: test_data[i] for i in set(untargeted_ids) | {i for i, _ in pairs}}
-    results, computed = run_attacks(
+    runner = run_attacks if args.address is None else functools.partial(
+        run_attacks_ray, args.dataset,
+        models.model_file(args.dataset, name, models_dir=args.models_dir))
+    results, computed = runner(
         model, images, pairs, untargeted_ids, settings, cached,
         lambda attack, recs: write_attack_cache(cache_paths[attack], attack, recs, settings,
                                                 args.dataset, name, digest))
@@ -1157,10 +1233,22 @@ def main(args: argparse.Namespace) -> int:
         linf_eps=tuple(attacks.PAPER_EPS_GRID), l2_eps=tuple(attacks.L2_EPS_GRID),
         ifgsm_losses=IFGSM_LOSSES[args.ifgsm_loss])
     os.makedirs(os.path.join(args.out, "cache"), exist_ok=True)
-    with tqdm(total=5 * len(loaded), unit="step", file=sys.stderr, disable=args.no_progress,
-              desc="tables", dynamic_ncols=True) as steps:
-        runs = {name: process_model(args, name, model, ids, test_data, settings, steps)
-                for name, model in loaded.items()}
+    own_ray = False
+    try:
+        if args.address is not None:
+            import sweep
+
+            own_ray = sweep.connect(argparse.Namespace(
+                address=_ray_address(args.address), num_cpus=args.num_cpus, ship_code="auto"))
+        with tqdm(total=5 * len(loaded), unit="step", file=sys.stderr, disable=args.no_progress,
+                  desc="tables", dynamic_ncols=True) as steps:
+            runs = {name: process_model(args, name, model, ids, test_data, settings, steps)
+                    for name, model in loaded.items()}
+    finally:
+        if own_ray:
+            import ray
+
+            ray.shutdown()
     print(write_outputs(args, ids, runs, settings, start))
     return 0
 

@@ -305,13 +305,7 @@ def _model_source(job: Job) -> str:
         return a.weights if os.path.isfile(str(a.weights)) else ""
     import models
 
-    path = models.models_path(a.dataset, a.model_name, a.activation, a.models_dir)
-    if not os.path.exists(path):
-        path = models._fallback_path(a.dataset, a.model_name, a.activation, a.models_dir) or path
-    if not os.path.exists(path):
-        raise ToolError(f"{path}: model file not found; train it with: "
-                        f"{models._train_hint(a.dataset, a.model_name, a.activation, a.models_dir)}")
-    return path
+    return models.model_file(a.dataset, a.model_name, a.activation, a.models_dir)
 
 
 # --------------------------------------------------------------------------
@@ -326,7 +320,7 @@ def _runtime_env(args) -> dict:
     return env
 
 
-def _connect(args) -> bool:
+def connect(args) -> bool:
     """Connect to (or start) Ray; returns whether this call started the connection."""
     import ray
 
@@ -867,7 +861,7 @@ def main(args) -> int:
         if threading_main() else None
     own = False
     try:
-        own = _connect(args)
+        own = connect(args)
         import ray
 
         sweep = Sweep(args, jobs)

@@ -303,3 +303,32 @@ def stage2_file(name: str, data: bytes, method: str, shape_reg: float) -> dict:
                 "g_x0": f.g_x0, "norms": norms, "seconds": time.perf_counter() - t0, **where}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def attack_task(blob, dataset: str, images: dict, pairs: list, untargeted_ids: list, settings, cached: dict,
+                attack: str) -> dict:
+    """One attack of ``reproduce_tables.py --address`` (a Ray CPU task).
+
+    ``blob``: the model file's :func:`pack` bytes, a model of ``dataset``; the
+    other arguments are
+    ``reproduce_tables.run_attacks``'. Returns ``{"records", "computed", node,
+    pid}`` (records of that attack, cached ones included) or ``{"error": line}``.
+    """
+    import ray
+
+    import models
+    import reproduce_tables
+
+    where = {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+    folder = tempfile.mkdtemp(prefix="clever-attack-")
+    try:
+        try:
+            model = models.load_model(dataset, model_path=unpack(blob, folder))
+        except ToolError as err:
+            return {"error": str(err).splitlines()[0], **where}
+        records, computed = reproduce_tables.run_attacks(
+            model, images, pairs, untargeted_ids, settings, cached, lambda *_: None,
+            only=(reproduce_tables.Attack(attack),))
+        return {"records": records, "computed": computed, **where}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -68,6 +68,7 @@ def parse_args(argv):
     p.add_argument("--min_iters", type=int, default=defaults.min_iters)
     p.add_argument("--check_every", type=int, default=defaults.check_every)
     p.add_argument("--stable_checks", type=int, default=defaults.stable_checks)
+    p.add_argument("--converge_noise", type=float, default=defaults.noise_factor)
     p.add_argument("--early", choices=("replay", "run"), default="replay")
     p.add_argument("--no_run", action="store_true",
                    help="run no stage 1: use the cached files there are (partial runs too)")
@@ -128,6 +129,28 @@ class FitCache:
             for j, it in enumerate(its):
                 self.fits[int(it)] = (z["est"][j], z["pval"][j], z["exact"][j])
 
+    def get_halves(self, it: int, cached_only: bool = False):
+        """(estimates of the even batches, of the odd batches), each [T, 3], of the
+        first ``it`` maxima; None if not cached and ``cached_only``."""
+        path = self.path.replace(".npz", "_halves.npz")
+        if not hasattr(self, "halves"):
+            self.halves = {}
+            if os.path.exists(path):
+                z = np.load(path)
+                for j, i in enumerate(z["its"]):
+                    self.halves[int(i)] = (z["even"][j], z["odd"][j])
+        if it not in self.halves:
+            if cached_only:
+                return None
+            m = self.maxima[:it]
+            self.halves[it] = (self.rule.fit_columns(m[0::2])[0], self.rule.fit_columns(m[1::2])[0])
+            its = sorted(self.halves)
+            np.savez(path + ".tmp.npz", its=np.array(its),
+                     even=np.stack([self.halves[i][0] for i in its]),
+                     odd=np.stack([self.halves[i][1] for i in its]))
+            os.replace(path + ".tmp.npz", path)
+        return self.halves[it]
+
     def get(self, it: int, cached_only: bool = False):
         """Fits at ``it`` batches; None if not cached and ``cached_only``."""
         if it not in self.fits:
@@ -155,7 +178,13 @@ def replay_image(rule: ConvergenceRule, cache: FitCache, n_b: int, limit: int | 
         fits = cache.get(it, cached_only)
         if fits is None:
             break
-        check = rule.decide(it, *fits, history)
+        spread = None
+        if rule.needs_spread(fits[0], history):
+            halves = cache.get_halves(it, cached_only)
+            if halves is None:
+                break
+            spread = converge.half_spread(*halves, fits[0])
+        check = rule.decide(it, *fits, history, spread)
         history.append(check)
         if check.stop:
             return it, history
@@ -238,20 +267,26 @@ def tune(args, caches: dict, full1: dict, full2: dict, mats: dict) -> None:
     import clever
 
     noise, _ = q90_rel(full2, full1)
-    print(f"# tune: 1.25 x q90 seed noise = {1.25 * noise:.4f}; rules replayed with checks up "
-          f"to {args.grid_max} batches{' (cached fits only)' if args.cached_only else ''}; "
-          "an image not stopped there counts with the full N_b and estimate")
-    print("tol  min_iters check_every stable  q90_early  mean_N_b  ok")
-    for tol, mi, ce, sc in itertools.product((0.01, 0.02, 0.05, 0.1), (50, 100), (25, 50),
-                                             (1, 2)):
-        rule = ConvergenceRule(tol=tol, min_iters=mi, check_every=ce, stable_checks=sc)
-        early, used = {}, []
+    per_model = {m: q90_rel({k: v for k, v in full2.items() if k[0] == m}, full1)[0]
+                 for m in caches}
+    print(f"# tune: 1.25 x q90 seed noise = {1.25 * noise:.4f} ("
+          + ", ".join(f"{m} {1.25 * q:.4f}" for m, q in per_model.items())
+          + f"); rules replayed with checks up to {args.grid_max} batches"
+          f"{' (cached fits only)' if args.cached_only else ''}; an image not stopped there "
+          "counts with the full N_b and estimate")
+    print("tol  noise min_iters check_every stable  q90_early  mean_N_b  ok   "
+          + "  ".join(f"{m}:q90/N_b" for m in caches))
+    for tol, nf, mi, ce, sc in itertools.product((0.01, 0.02, 0.05), (0.0, 0.5, 1.0, 2.0),
+                                                 (50, 100), (25, 50), (1, 2)):
+        rule = ConvergenceRule(tol=tol, min_iters=mi, check_every=ce, stable_checks=sc,
+                               noise_factor=nf)
+        early, used = {}, defaultdict(list)
         for model, per_image in caches.items():
             for img, (targets, cache) in per_image.items():
                 n_used, history = replay_image(rule, cache, args.Niters, args.grid_max,
                                                cached_only=args.cached_only)
                 last = history[-1] if history and history[-1].stop else None
-                used.append(n_used)
+                used[model].append(n_used)
                 for t, target in enumerate(targets):
                     for k, key in enumerate(KEYS):
                         label = {"G1_max": "Li", "G2_max": "L2", "Gi_max": "L1"}[key]
@@ -265,10 +300,16 @@ def tune(args, caches: dict, full1: dict, full2: dict, mats: dict) -> None:
                         b = clever.clever_bound(g, float(last.estimates[t, k]))
                         early[kk] = min(b, cap[label]) if cap[label] is not None else b
         q, _ = q90_rel(early, full1)
-        mean_used = float(np.mean(used))
+        mean_used = float(np.mean([n for v in used.values() for n in v]))
         ok = q <= 1.25 * noise and mean_used <= 170
-        print(f"{tol:<5g}{mi:>9}{ce:>12}{sc:>7}{q:>11.4f}{mean_used:>10.1f}  "
-              f"{'yes' if ok else 'no'}")
+        models_ok = all(
+            q90_rel({k: v for k, v in early.items() if k[0] == m}, full1)[0] <= 1.25 * per_model[m]
+            for m in caches)
+        cols = "  ".join(
+            f"{q90_rel({k: v for k, v in early.items() if k[0] == m}, full1)[0]:.4f}/"
+            f"{np.mean(used[m]):.1f}" for m in caches)
+        print(f"{tol:<5g}{nf:<6g}{mi:>9}{ce:>12}{sc:>7}{q:>11.4f}{mean_used:>10.1f}  "
+              f"{'yes' if ok else 'no':<3}{'+' if ok and models_ok else ' '} {cols}")
 
 
 def main(args) -> int:
@@ -280,8 +321,9 @@ def main(args) -> int:
                         "--models", "normal,2-layer", "--models_dir",
                         os.path.join(args.dir, "models")], check=True)
     rule = ConvergenceRule(tol=args.tol, min_iters=args.min_iters, check_every=args.check_every,
-                           stable_checks=args.stable_checks)
-    tag = f"tol{args.tol:g}_m{args.min_iters}_c{args.check_every}_s{args.stable_checks}"
+                           stable_checks=args.stable_checks, noise_factor=args.converge_noise)
+    tag = (f"tol{args.tol:g}_m{args.min_iters}_c{args.check_every}_s{args.stable_checks}"
+           f"_n{args.converge_noise:g}")
     full1, full2, early, used, mats, caches = {}, {}, {}, [], {}, {}
     t0 = time.time()
     for model in models:
@@ -307,7 +349,8 @@ def main(args) -> int:
             stage1(args, model, seeds[0], save,
                    ["-n", str(args.numimg), "--targets", "top2,random,least",
                     "--converge", repr(args.tol), "--min_iters", str(args.min_iters),
-                    "--check_every", str(args.check_every)])
+                    "--check_every", str(args.check_every),
+                    "--converge_noise", repr(args.converge_noise)])
             folder = os.path.join(save, sub)
             n_used = {int(m["id"].ravel()[0]): int(m["Niters_used"].ravel()[0])
                       for _, m in load_runs(folder).values()}
