@@ -325,6 +325,7 @@ def main(args) -> int:
     tag = (f"tol{args.tol:g}_m{args.min_iters}_c{args.check_every}_s{args.stable_checks}"
            f"_n{args.converge_noise:g}")
     full1, full2, early, used, mats, caches = {}, {}, {}, [], {}, {}
+    used_by_model = {}
     t0 = time.time()
     for model in models:
         sub = MODEL_DIRNAME[model]
@@ -355,6 +356,7 @@ def main(args) -> int:
             n_used = {int(m["id"].ravel()[0]): int(m["Niters_used"].ravel()[0])
                       for _, m in load_runs(folder).values()}
         used += list(n_used.values())
+        used_by_model[model] = list(n_used.values())
         for store, src, cached in ((full1, os.path.join(s1, sub), True),
                                    (full2, os.path.join(s2, sub), True),
                                    (early, folder, True)):
@@ -377,7 +379,7 @@ def main(args) -> int:
         qe, _ = q90_rel({k: v for k, v in early.items() if k[0] == model}, full1)
         qn, _ = q90_rel({k: v for k, v in full2.items() if k[0] == model}, full1)
         print(f"model = {model}, q90_early_vs_full = {qe:.4f}, 1.25_x_q90_seed2_vs_seed1 = "
-              f"{1.25 * qn:.4f}")
+              f"{1.25 * qn:.4f}, mean_N_b_used = {np.mean(used_by_model[model]):.1f}")
     print(f"q90 |early/full - 1| = {q_early:.4f} over {n} (image, target, norm) bounds")
     print(f"1.25 x q90 |full_seed2/full_seed1 - 1| = {1.25 * q_noise:.4f} over {n2}")
     print(f"mean N_b used = {mean_used:.1f} of {args.Niters} ({len(used)} images; "
