@@ -10,6 +10,9 @@ each. Prints, over every (model, image, target, bound norm):
 * 1.25 x q90 |full2/full1 - 1|   (the full run's seed-to-seed noise)
 * the mean N_b used by the early run (target: at most 170)
 
+and the same per model. The rule is ConvergenceRule's defaults with --tol
+(--min_iters, --check_every, --stable_checks and --converge_noise override).
+
 and ``PASS`` when the first is at most the second and the mean N_b used at most
 170. The second seed's run scores the first seed's targets (``--ids`` with the
 first run's target classes, ``--targets user``), so that only sampling differs.
@@ -19,7 +22,7 @@ depends only on (seed, image, i), so an early-stopped run's maxima are the first
 N_used rows of the full run's; the rule (fit_columns + decide, as in
 converge.simulate) is applied to the full run's maxima and truncated copies of
 its files, with the rule's provenance, are written for stage 2. ``--early run``
-runs collect_gradients.py --converge instead (once collect_gradients has the flag).
+runs collect_gradients.py --converge instead (the same files, as a check).
 
 Stage-1 runs are cached under --dir (default /tmp/converge_bench; existing files
 are kept), and so are the rule's fits (grid/) and stage 2's results, so reruns are
