@@ -416,6 +416,8 @@ def test_markdown_table_formats_numbers_and_missing_values():
     (["--cw_iterations", "-5"], "--cw_iterations"),
     (["--Nsamps", "ten"], "--Nsamps"),
     (["--bogus"], "--bogus"),
+    (["--address", "nohost"], "--address"),
+    (["--workers", "-1"], "--workers"),
 ])
 def test_bad_flags_give_one_line_errors(argv, needle):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "reproduce_tables.py"), *argv],
