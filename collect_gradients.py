@@ -180,7 +180,7 @@ def _load(args):
     return model, data.test_data, data.test_labels, name, 0
 
 
-def _image_ids(args, num_test: int):
+def image_ids(args, num_test: int):
     user_targets = {}
     if args.ids:
         from utils import read_ids_file
@@ -263,7 +263,7 @@ def _summary_lines(result, compute_slope: bool, grad_x0_norm=None) -> list[str]:
     return lines
 
 
-def _estimator_options(args, estimator_class) -> dict:
+def estimator_options(args, estimator_class) -> dict:
     """Keyword arguments of GradientNormEstimator, those its constructor takes."""
     wanted = {"compute_slope": args.compute_slope, "order": args.order,
               "power_iters": args.power_iters, "precision": args.precision,
@@ -302,7 +302,7 @@ def main(args) -> int:
     versions = common.versions()
     input_shape = test_data.shape[1:]
     dim = int(np.prod(input_shape))
-    ids, user_targets = _image_ids(args, len(test_data))
+    ids, user_targets = image_ids(args, len(test_data))
     if args.order == 2 and not args.force_order2:
         flat = piecewise_linear_layers(model)
         if flat:
@@ -311,7 +311,7 @@ def main(args) -> int:
                             "Hessian is zero almost everywhere. Use a smooth model (e.g. "
                             "--activation tanh) or --force_order2")
     estimator = GradientNormEstimator(model, input_shape, args.batch_size,
-                                      **_estimator_options(args, GradientNormEstimator))
+                                      **estimator_options(args, GradientNormEstimator))
 
     transform = args.transform or None
     clean = test_data[ids]

@@ -237,12 +237,12 @@ def provenance(args: Mapping | None = None, **extra) -> dict:
     record = {"argv": list(sys.argv), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "host": platform.node(), "versions": versions()}
     if args is not None:
-        record["args"] = {k: _jsonable(v) for k, v in dict(args).items()}
-    record.update({k: _jsonable(v) for k, v in extra.items()})
+        record["args"] = {k: jsonable(v) for k, v in dict(args).items()}
+    record.update({k: jsonable(v) for k, v in extra.items()})
     return record
 
 
-def _jsonable(value):
+def jsonable(value):
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, (np.integer,)):
@@ -250,9 +250,9 @@ def _jsonable(value):
     if isinstance(value, (np.floating,)):
         return float(value)
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return str(value)
@@ -359,7 +359,7 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def write_json(path: str, obj) -> None:
-    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(jsonable(obj), indent=2, sort_keys=False) + "\n")
 
 
 # --------------------------------------------------------------------------

@@ -452,7 +452,7 @@ class Sweep:
 
             data = models.load_dataset(a.dataset, a.data_dir)
         job.test_data, job.test_labels = data.test_data, data.test_labels
-        job.ids, job.user_targets = collect_gradients._image_ids(a, len(job.test_data))
+        job.ids, job.user_targets = collect_gradients.image_ids(a, len(job.test_data))
         images = np.ascontiguousarray(job.test_data[job.ids], dtype=np.float32)
         job.images_ref = self.ray.put(images)
         job.blob_ref = self.ray.put(pack(job.source)) if job.source else self.ray.put(None)
@@ -909,7 +909,7 @@ def threading_main() -> bool:
 def collect_args_record(a) -> dict:
     if a is None:
         return {}
-    return {k: common._jsonable(v) for k, v in vars(a).items()}
+    return {k: common.jsonable(v) for k, v in vars(a).items()}
 
 
 if __name__ == "__main__":

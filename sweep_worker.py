@@ -115,8 +115,6 @@ class ModelWorker:
         self.sampler = BallSampler.create(a.sample_norm, a.radius, a.uniform_ball)
         common.set_seed(a.seed)  # before building, as collect_gradients: random weights agree
         if a.dataset == "imagenet":
-            import setup_imagenet
-
             local = argparse.Namespace(**vars(a))
             if self.path_on_worker:
                 if a.model_path:
@@ -149,7 +147,7 @@ class ModelWorker:
                                 "Hessian is zero almost everywhere. Use a smooth model or "
                                 "--force_order2")
         return GradientNormEstimator(model, self.images.shape[1:], a.batch_size,
-                                     **collect_gradients._estimator_options(
+                                     **collect_gradients.estimator_options(
                                          a, GradientNormEstimator))
 
     def _defended(self) -> np.ndarray | None:
