@@ -10,12 +10,12 @@ each. Prints, over every (model, image, target, bound norm):
 * 1.25 x q90 |full2/full1 - 1|   (the full run's seed-to-seed noise)
 * the mean N_b used by the early run (target: at most 170)
 
-and the same per model. The rule is ConvergenceRule's defaults with --tol
-(--min_iters, --check_every, --stable_checks and --converge_noise override).
-
-and ``PASS`` when the first is at most the second and the mean N_b used at most
-170. The second seed's run scores the first seed's targets (``--ids`` with the
-first run's target classes, ``--targets user``), so that only sampling differs.
+(the first three also per model) and ``PASS`` when the first is at most the
+second and the mean N_b used at most 170. The rule is ConvergenceRule's
+defaults with --tol (--min_iters, --check_every, --stable_checks and
+--converge_noise override them). The second seed's run scores the first
+seed's targets (``--ids`` with the first run's target classes, ``--targets
+user``), so that only sampling differs.
 
 The early run is replayed (``--early replay``, default): batch i of a stage-1 run
 depends only on (seed, image, i), so an early-stopped run's maxima are the first
@@ -277,6 +277,7 @@ def tune(args, caches: dict, full1: dict, full2: dict, mats: dict) -> None:
           + f"); rules replayed with checks up to {args.grid_max} batches"
           f"{' (cached fits only)' if args.cached_only else ''}; an image not stopped there "
           "counts with the full N_b and estimate")
+    print("# ok: both targets over all models; '+': the error target also holds per model")
     print("tol  noise min_iters check_every stable  q90_early  mean_N_b  ok   "
           + "  ".join(f"{m}:q90/N_b" for m in caches))
     for tol, nf, mi, ce, sc in itertools.product((0.01, 0.02, 0.05), (0.0, 0.5, 1.0, 2.0),
