@@ -116,6 +116,17 @@ FAULTS = [
           "weight = 0.0",
           ("tests/test_cli_options.py", "-k", "fit_options"),
           "--shape_reg never reaches the likelihood"),
+    # -- early stopping (converge.py) --------------------------------------
+    Fault("converge_noise_ignored", "converge.py",
+          "threshold = np.maximum(threshold, np.where(np.isfinite(noise), noise, 0.0))",
+          "threshold = threshold",
+          ("tests/test_converge.py", "-k", "noise_criterion"),
+          "a move below the run's own noise never counts as converged"),
+    Fault("converge_checks_early", "converge.py",
+          "return iteration_done >= self.min_iters and iteration_done % self.check_every == 0",
+          "return iteration_done % self.check_every == 0",
+          ("tests/test_converge.py", "-k", "min_iters"),
+          "the rule may stop before --min_iters"),
 ]
 
 
