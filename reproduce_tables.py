@@ -216,7 +216,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     g.add_argument("--address", default=None,
                    help="run stage 1 (as sweep.py) and the attacks as Ray jobs: 'local' starts "
                         "Ray on this machine, 'auto' or ray://HOST:PORT joins a cluster "
-                        "(default: everything in this process)")
+                        "(unset: everything in this process)")
     g.add_argument("--workers", type=int, default=0,
                    help="--address: stage-1 model actors (0: as sweep.py)")
     g.add_argument("--num_cpus", type=int, default=0,
