@@ -345,4 +345,5 @@ def rule_from_args(args) -> ConvergenceRule | None:
         return None
     return ConvergenceRule(tol=float(args.converge), min_iters=int(args.min_iters),
                            check_every=int(args.check_every),
-                           noise_factor=float(getattr(args, "converge_noise", 2.0)))
+                           noise_factor=float(getattr(args, "converge_noise",
+                                                      ConvergenceRule.noise_factor)))

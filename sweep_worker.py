@@ -72,10 +72,7 @@ class ModelWorker:
         return os.getpid()
 
     def _where(self) -> dict:
-        import ray
-
-        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "host": platform.node()}
+        return {**_node_and_pid(), "host": platform.node()}
 
     def setup(self, job_args, name: str, source: str, blob, images, ids) -> dict:
         """Load a model: ``blob`` (base name, bytes) of ``source`` (the driver's path, for
@@ -233,6 +230,13 @@ class ModelWorker:
         ray.actor.exit_actor()
 
 
+def _node_and_pid() -> dict:
+    """Where a Ray task or actor method runs: its node id and process id."""
+    import ray
+
+    return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+
 def actor_class(ray):
     """ModelWorker as a Ray actor class; ``pid`` answers even while a task runs.
 
@@ -268,12 +272,10 @@ def stage2_file(name: str, data: bytes, method: str, shape_reg: float) -> dict:
     ``data``: the .mat file's bytes (no shared file system). Returns a JSON-ready
     record, or ``{"error": message}``.
     """
-    import ray
-
     import clever
 
     t0 = time.perf_counter()
-    where = {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+    where = _node_and_pid()
     folder = tempfile.mkdtemp(prefix="clever-sweep-s2-")
     try:
         path = os.path.join(folder, os.path.basename(name))
@@ -308,16 +310,14 @@ def attack_task(blob, dataset: str, images: dict, pairs: list, untargeted_ids: l
     """One attack of ``reproduce_tables.py --address`` (a Ray CPU task).
 
     ``blob``: the model file's :func:`pack` bytes, a model of ``dataset``; the
-    other arguments are
-    ``reproduce_tables.run_attacks``'. Returns ``{"records", "computed", node,
-    pid}`` (records of that attack, cached ones included) or ``{"error": line}``.
+    other arguments are ``reproduce_tables.run_attacks``'. Returns ``{"records",
+    "computed", node, pid}`` (records of that attack, cached ones included) or
+    ``{"error": line}``.
     """
-    import ray
-
     import models
     import reproduce_tables
 
-    where = {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+    where = _node_and_pid()
     folder = tempfile.mkdtemp(prefix="clever-attack-")
     try:
         try:

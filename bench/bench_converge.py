@@ -126,6 +126,12 @@ class FitCache:
     def __init__(self, path: str, maxima: np.ndarray, rule: ConvergenceRule):
         self.path, self.maxima, self.rule = path, maxima, rule
         self.fits = {}
+        self.halves_path = path.replace(".npz", "_halves.npz")
+        self.halves = {}   # it -> (estimates of the even batches, of the odd batches)
+        if os.path.exists(self.halves_path):
+            z = np.load(self.halves_path)
+            for j, it in enumerate(z["its"]):
+                self.halves[int(it)] = (z["even"][j], z["odd"][j])
         if os.path.exists(path):
             z = np.load(path)
             its = z["its"] if "its" in z else range(25, 25 * len(z["est"]) + 1, 25)
@@ -135,23 +141,16 @@ class FitCache:
     def get_halves(self, it: int, cached_only: bool = False):
         """(estimates of the even batches, of the odd batches), each [T, 3], of the
         first ``it`` maxima; None if not cached and ``cached_only``."""
-        path = self.path.replace(".npz", "_halves.npz")
-        if not hasattr(self, "halves"):
-            self.halves = {}
-            if os.path.exists(path):
-                z = np.load(path)
-                for j, i in enumerate(z["its"]):
-                    self.halves[int(i)] = (z["even"][j], z["odd"][j])
         if it not in self.halves:
             if cached_only:
                 return None
             m = self.maxima[:it]
             self.halves[it] = (self.rule.fit_columns(m[0::2])[0], self.rule.fit_columns(m[1::2])[0])
             its = sorted(self.halves)
-            np.savez(path + ".tmp.npz", its=np.array(its),
+            np.savez(self.halves_path + ".tmp.npz", its=np.array(its),
                      even=np.stack([self.halves[i][0] for i in its]),
                      odd=np.stack([self.halves[i][1] for i in its]))
-            os.replace(path + ".tmp.npz", path)
+            os.replace(self.halves_path + ".tmp.npz", self.halves_path)
         return self.halves[it]
 
     def get(self, it: int, cached_only: bool = False):
@@ -306,12 +305,10 @@ def tune(args, caches: dict, full1: dict, full2: dict, mats: dict) -> None:
         q, _ = q90_rel(early, full1)
         mean_used = float(np.mean([n for v in used.values() for n in v]))
         ok = q <= 1.25 * noise and mean_used <= 170
-        models_ok = all(
-            q90_rel({k: v for k, v in early.items() if k[0] == m}, full1)[0] <= 1.25 * per_model[m]
-            for m in caches)
-        cols = "  ".join(
-            f"{q90_rel({k: v for k, v in early.items() if k[0] == m}, full1)[0]:.4f}/"
-            f"{np.mean(used[m]):.1f}" for m in caches)
+        q_model = {m: q90_rel({k: v for k, v in early.items() if k[0] == m}, full1)[0]
+                   for m in caches}
+        models_ok = all(q_model[m] <= 1.25 * per_model[m] for m in caches)
+        cols = "  ".join(f"{q_model[m]:.4f}/{np.mean(used[m]):.1f}" for m in caches)
         print(f"{tol:<5g}{nf:<6g}{mi:>9}{ce:>12}{sc:>7}{q:>11.4f}{mean_used:>10.1f}  "
               f"{'yes' if ok else 'no':<3}{'+' if ok and models_ok else ' '} {cols}")
 
