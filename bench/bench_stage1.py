@@ -21,8 +21,10 @@ host):
       warmed like ours, its Weibull fit and its predictions timed separately
       and left out, divided by this toolkit's stage-1 time for the same 20 x
       256 gradients (target >= 5).
+  (e) with --compare_jit: stage 1 (one target) with the default kernels
+      against stage 1 with --jit_compile (XLA), interleaved in the same run.
 
-    python bench/bench_stage1.py [--rounds 3 --sampler tf|shm|both --skip_art]
+    python bench/bench_stage1.py [--rounds 3 --sampler tf|shm|both --skip_art --compare_jit]
 """
 from __future__ import annotations
 
@@ -56,6 +58,10 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (minimum kept)")
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--jit_compile", action="store_true", help="XLA for stage 1 and the reference")
+    p.add_argument("--compare_jit", action="store_true",
+                   help="also time stage 1 with --jit_compile (XLA), interleaved with the default, "
+                        "and print default / XLA throughput (XLA draws other points: same amount "
+                        "of work, not the same points)")
     p.add_argument("--precision", default="float32")
     p.add_argument("--skip_art", action="store_true")
     p.add_argument("--seed", type=int, default=1215)
@@ -173,6 +179,7 @@ def main(args):
           + (", XLA" if args.jit_compile else ""))
     niters = dict(zip(MODELS, args.niters))
     table = []
+    xla_rows = []
     cnn = None
     worker_peak = None
     for name in args.models:
@@ -191,6 +198,11 @@ def main(args):
             for s, pool in pools.items():
                 runs[f"stage1 {s}"] = _stage1(est, x0, c, [j], args.nsamps, n, sampler, pool,
                                               args.seed)
+            if args.compare_jit and not args.jit_compile:
+                xla = GradientNormEstimator(model, (28, 28, 1), args.batch_size, jit_compile=True,
+                                            precision=args.precision)
+                runs["stage1 xla"] = _stage1(xla, x0, c, [j], args.nsamps, n, sampler, None,
+                                             args.seed)
             if name == "normal":
                 others = [k for k in range(10) if k != c]
                 runs["stage1 9 targets"] = _stage1(est, x0, c, others, args.nsamps, n, sampler,
@@ -214,6 +226,9 @@ def main(args):
         for s in samplers:
             table.append((LABELS[name] + f" ({how})", s, n, grads / best["reference"],
                           grads / best[f"stage1 {s}"], best["reference"] / best[f"stage1 {s}"]))
+        if "stage1 xla" in best:
+            xla_rows.append((LABELS[name], grads / best[f"stage1 {samplers[0]}"],
+                             grads / best["stage1 xla"]))
         if name == "normal":
             cnn = (model, c, j, best, samplers[0])
 
@@ -229,6 +244,12 @@ def main(args):
               f"{best['stage1 9 targets'] / (9 * best['stage1 ' + s]):.3f}  (target <= 0.6)")
     print(f"\n(c) peak resident memory: {_peak_rss_mib():.0f} MiB (main process)"
           + (f", {worker_peak:.0f} MiB (sampling worker)" if worker_peak else ""))
+    if xla_rows:
+        print("\n(e) stage 1, one target: default kernels against --jit_compile (XLA), "
+              "interleaved in this run")
+        for label, default, xla in xla_rows:
+            print(f"{label:52s} default {default:10.0f}/s  XLA {xla:10.0f}/s  "
+                  f"default / XLA {default / xla:6.2f}")
 
     if not args.skip_art and cnn is not None:
         model, c, j, _, _ = cnn

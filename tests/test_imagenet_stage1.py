@@ -24,16 +24,23 @@ def _params():
 
 
 @pytest.mark.parametrize("name", _params())
-def test_stage1_writes_a_valid_mat_for_each_zoo_model(name, tmp_path):
+def test_stage1_writes_a_valid_mat_for_each_zoo_model(name, tmp_path, monkeypatch):
     spec = si.KERAS_MODELS[name]
     size = spec.min_size
     pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    # Stage 1 skips misclassified images: name the image after the class that the
-    # same randomly initialised network (same seed) predicts for it.
+    # Stage 1 skips misclassified images: name the image after the class that this
+    # randomly initialised network predicts for it, and hand stage 1 the same network.
     common.set_seed(SEED)
     model = si.get_model(name, "random", size)
     x = np.asarray(pixels, np.float32)[None] / 255.0 - 0.5
     predicted = int(np.argmax(model(x, training=False)))
+    asked = []
+
+    def built_model(*args, **kwargs):
+        asked.append(args[:3])
+        return model
+
+    monkeypatch.setattr(si, "get_model", built_model)
     images = tmp_path / "images"
     images.mkdir()
     Image.fromarray(pixels).save(images / f"{predicted + 1}.sample.png")  # names count from 1
@@ -44,6 +51,7 @@ def test_stage1_writes_a_valid_mat_for_each_zoo_model(name, tmp_path):
         "--no_progress"])
     assert args.batch_size == 4
     assert collect_gradients.main(args) == 0
+    assert asked == [(name, "random", size)]
     files = glob.glob(str(tmp_path / "out" / f"imagenet_{name}" / "*.mat"))
     assert len(files) == 1, "the image must be classified as named and scored"
     d = scipy.io.loadmat(files[0])

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import paper_tables as pt
 import reproduce_tables as rt
 from common import ToolError
 
@@ -268,7 +269,7 @@ def test_paper_rows_sit_next_to_ours_for_named_models():
     rows = [{"model": "normal", "kind": "untargeted", "id": 0, "target": -1,
              "clever_L2": 0.5, "clever_Li": 0.02, "cw_l2_L2": 1.0, "cw_l2_Li": 0.2,
              "ifgsm_l2_L2": 2.0, "ifgsm_li_Li": 0.1}]
-    t2 = rt.table2(rows, rt.PAPER_TABLE2["mnist"])
+    t2 = pt.table2(rows, pt.PAPER_TABLE2["mnist"])
     assert list(t2["source"]) == ["ours", "paper MNIST-CNN"]
     assert t2.iloc[1]["CW L2"] == 1.500 and t2.iloc[1]["CLEVER Linf"] == 0.057
     assert t2.iloc[0]["CW L2"] == 1.0 and t2.iloc[0]["I-FGSM L2"] == 2.0
@@ -342,10 +343,10 @@ def test_clever_rows_take_the_minimum_over_classes_and_filter_ids():
     recs = [_summary_record(0, f"class{j}", j, 1.0 + j, 0.1 + j) for j in (0, 2, 3)]
     recs += [_summary_record(5, "class2", 2, 9.0, 9.0),
              _summary_record(0, "top2", 7, 0.4, 0.03), _summary_record(5, "least", 4, 2.0, 0.1)]
-    unt = rt.clever_rows(recs, "m", ids=[0], untargeted=True)
+    unt = pt.clever_rows(recs, "m", ids=[0], untargeted=True)
     assert len(unt) == 1 and unt[0]["clever_L2"] == 1.0 and unt[0]["clever_Li"] == 0.1
     assert unt[0]["n_classes"] == 3 and unt[0]["target"] == -1
-    tgt = rt.clever_rows(recs, "m", ids=[0, 5])
+    tgt = pt.clever_rows(recs, "m", ids=[0, 5])
     assert [(r["id"], r["kind"], r["target"]) for r in tgt] == [(0, "top2", 7), (5, "least", 4)]
 
 
@@ -355,13 +356,13 @@ def test_failed_attacks_are_left_out_of_means_and_never_exceeded():
              "ifgsm_li_Li": 0.5, "cw_l2_success": math.isfinite(d),
              "ifgsm_l2_success": True, "ifgsm_li_success": True}
             for i, (c, d) in enumerate([(0.5, 1.0), (2.0, 1.0), (5.0, math.inf), (0.1, 3.0)])]
-    t3 = rt.table3(rows)
+    t3 = pt.table3(rows)
     assert t3.iloc[0]["top-2 CW"] == pytest.approx((1.0 + 1.0 + 3.0) / 3)
     assert t3.iloc[0]["top-2 CLEVER"] == pytest.approx((0.5 + 2.0 + 5.0 + 0.1) / 4)
-    t4 = rt.table4(rows)
+    t4 = pt.table4(rows)
     assert t4.iloc[0]["CW L2"] == pytest.approx(25.0)  # only (2.0 > 1.0); inf is never beaten
-    assert rt.success_table(rows).iloc[0]["CW"] == pytest.approx(75.0)
-    acc = {(a["scope"], a["check"][:6]): a for a in rt.acceptance(rows, [
+    assert pt.success_table(rows).iloc[0]["CW"] == pytest.approx(75.0)
+    acc = {(a["scope"], a["check"][:6]): a for a in pt.acceptance(rows, [
         {"model": "m", "ks_pass": p} for p in (True, True, False)])}
     assert acc[("m", "CLEVER")]["value"] == pytest.approx(75.0)
     assert not acc[("m", "CLEVER")]["passed"]
@@ -370,20 +371,20 @@ def test_failed_attacks_are_left_out_of_means_and_never_exceeded():
 
 def test_merge_attacks_turns_failures_into_inf_and_requires_every_result():
     rows = [{"model": "m", "kind": "untargeted", "id": 4, "target": -1}]
-    results = {rt.attack_key(a, 4, -1): {"success": a is not rt.Attack.CW_L2, "l2": 0.3,
-                                         "linf": 0.05} for a in rt.Attack}
-    merged = rt.merge_attacks(rows, results)[0]
+    results = {pt.attack_key(a, 4, -1): {"success": a is not pt.Attack.CW_L2, "l2": 0.3,
+                                         "linf": 0.05} for a in pt.Attack}
+    merged = pt.merge_attacks(rows, results)[0]
     assert merged["cw_l2_L2"] == math.inf and merged["ifgsm_l2_L2"] == 0.3
-    del results[rt.attack_key(rt.Attack.IFGSM_L2, 4, -1)]
+    del results[pt.attack_key(pt.Attack.IFGSM_L2, 4, -1)]
     with pytest.raises(ToolError, match="ifgsm_l2"):
-        rt.merge_attacks(rows, results)
+        pt.merge_attacks(rows, results)
 
 
 def test_attack_cache_keys_follow_each_attacks_settings_and_the_model():
     base = dict(cw_iterations=2000, cw_binary_steps=9, cw_learning_rate=0.01,
                 cw_initial_const=1e-3, cw_confidence=0.0, ifgsm_iterations=50,
                 linf_eps=(0.01, 0.1), l2_eps=(0.5,), ifgsm_losses=("xent",))
-    cw, li, l2 = rt.Attack.CW_L2, rt.Attack.IFGSM_LINF, rt.Attack.IFGSM_L2
+    cw, li, l2 = pt.Attack.CW_L2, pt.Attack.IFGSM_LINF, pt.Attack.IFGSM_L2
 
     def key(attack, model="normal", digest="abc", **change):
         return rt.AttackSettings(**{**base, **change}).key(attack, "digits", model, digest)
@@ -398,7 +399,7 @@ def test_attack_cache_keys_follow_each_attacks_settings_and_the_model():
 
 def test_markdown_table_formats_numbers_and_missing_values():
     df = pd.DataFrame({"model": ["a|b"], "x": [1.23456], "y": [math.nan], "z": [math.inf]})
-    text = rt.markdown_table(df, formats={"x": ".2f"})
+    text = pt.markdown_table(df, formats={"x": ".2f"})
     assert text.splitlines() == ["| model | x | y | z |", "|:---|---:|---:|---:|",
                                  "| a\\|b | 1.23 | - | inf |"]
 
