@@ -1,0 +1,182 @@
+"""The jobs of a sweep: one per model, from --models or a --spec TOML file.
+
+Each job holds the ``collect_gradients.parse_args`` result for its model,
+the file or folder its model is loaded from on the workers, and the
+driver's bookkeeping (queue of image tasks, counts, Ray object refs).
+Pure argument handling: no Ray, no TensorFlow at import.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import common
+from common import ToolError
+
+#: Flags of collect_gradients.py that --models replaces.
+MODEL_FLAGS = ("-m", "--model_name", "--model_path")
+#: Suffixes that name a model file rather than a zoo name.
+MODEL_SUFFIXES = (".keras", ".h5", ".hdf5", ".pb")
+
+def collect_args(argv: Sequence[str], where: str):
+    """``collect_gradients.parse_args(argv)`` with argparse's exit turned into a ToolError."""
+    import collect_gradients
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return collect_gradients.parse_args(list(argv))
+    except SystemExit as exc:
+        if exc.code == 0:  # --help of the shared flags
+            raise
+        lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+        message = lines[-1] if lines else "invalid arguments"
+        message = message.replace("collect_gradients.py: error: ", "")
+        raise ToolError(f"{where}: {message}") from None
+
+
+# --------------------------------------------------------------------------
+# Jobs
+# --------------------------------------------------------------------------
+@dataclass
+class Job:
+    """One model's share of the sweep: the collect_gradients arguments and the model's source."""
+
+    index: int
+    token: str                 # as written in --models / the spec
+    name: str                  # output folder suffix (model name or file stem)
+    args: argparse.Namespace | None = None   # collect_gradients.parse_args result
+    source: str = ""           # file or folder shipped to the workers ('' for none)
+    error: str = ""            # set when the job failed
+    # planning and progress
+    state: str = "new"         # new, planning, running, done, failed
+    out_dir: str = ""
+    queue: deque = field(default_factory=deque)   # pending Task
+    files: list = field(default_factory=list)     # every (task, target, path) of the job
+    n_written: int = 0
+    n_skipped: int = 0
+    n_failed: int = 0
+    setup_failures: int = 0
+    actors: int = 0            # live actors bound to the job
+    inflight: int = 0          # scoring calls in flight
+    blob_ref: object = None
+    images_ref: object = None
+    ids: list = field(default_factory=list)
+    user_targets: dict = field(default_factory=dict)
+    test_data: object = None
+    test_labels: object = None
+    label_offset: int = 0
+
+
+@dataclass
+class Task:
+    job: Job
+    pos: int                   # position of the image in the job's image array
+    task: object               # utils.ImageTask
+    pending: list              # [(utils.Target, path)]
+    attempt: int = 0
+
+
+def _spec_argv(table: dict, where: str) -> list[str]:
+    """A TOML table of collect_gradients flags as command-line arguments."""
+    argv = []
+    for key, value in table.items():
+        if key in ("models", "model"):
+            continue
+        flag = "--" + key.lstrip("-")
+        if flag in MODEL_FLAGS:
+            raise ToolError(f"{where}: key {key!r}: list models under 'models'")
+        if isinstance(value, bool):
+            if value:
+                argv.append(flag)
+        elif isinstance(value, list):
+            argv += [flag, ",".join(str(v) for v in value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _spec_jobs(path: str) -> list[tuple[str, list[str], str]]:
+    """(model token, flags, where) of every job of a --spec file."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as fh:
+            spec = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ToolError(f"{path}: not a readable TOML file ({err})") from None
+    unknown = set(spec) - {"defaults", "job"}
+    if unknown:
+        raise ToolError(f"{path}: unknown table {sorted(unknown)[0]!r}; use [defaults] and [[job]]")
+    defaults = _spec_argv(spec.get("defaults", {}), f"{path} [defaults]")
+    jobs = spec.get("job", [])
+    if not isinstance(jobs, list) or not jobs:
+        raise ToolError(f"{path}: no [[job]] tables")
+    out = []
+    for k, table in enumerate(jobs, start=1):
+        where = f"{path} job {k}"
+        models = table.get("models", table.get("model"))
+        if isinstance(models, str):
+            models = [m for m in models.split(",") if m.strip()]
+        if not models:
+            raise ToolError(f"{where}: no 'models'")
+        flags = defaults + _spec_argv(table, where)
+        out += [(str(m).strip(), flags, where) for m in models]
+    return out
+
+
+def _is_model_file(token: str) -> bool:
+    return os.path.exists(token) or token.lower().endswith(MODEL_SUFFIXES) or os.sep in token
+
+
+def build_jobs(args) -> list[Job]:
+    """One :class:`Job` per model; a job whose arguments or model are bad has ``error`` set."""
+    entries = [(m.strip(), [], "--models") for m in args.models.split(",") if m.strip()]
+    if args.spec:
+        entries += _spec_jobs(args.spec)
+    jobs: list[Job] = []
+    for index, (token, flags, where) in enumerate(entries):
+        is_file = _is_model_file(token)
+        name = (os.path.splitext(os.path.basename(os.path.normpath(token)))[0] if is_file
+                else token)
+        job = Job(index, token, name)
+        jobs.append(job)
+        try:
+            model_flags = ["--model_path", token] if is_file and not token.lower().endswith(
+                ".pb") else ["-m", token]
+            job.args = collect_args(list(args.shared) + flags + model_flags, where)
+            job.source = _model_source(job)
+            job.out_dir = common.output_dir(job.args.save, job.args.dataset, job.name)
+        except ToolError as err:
+            job.error, job.state = str(err), "failed"
+    seen = {}
+    for job in jobs:
+        if job.out_dir and job.out_dir in seen and not job.error:
+            job.error, job.state = (f"{job.token}: writes into {job.out_dir} like "
+                                    f"{seen[job.out_dir]}; list each model once"), "failed"
+        seen.setdefault(job.out_dir, job.token)
+    return jobs
+
+
+def _model_source(job: Job) -> str:
+    """The file or folder whose bytes the workers load the model from ('' if none)."""
+    a = job.args
+    if job.token.lower().endswith(".pb"):
+        # An original frozen graph of a named ImageNet model: --model_path of collect_gradients.
+        if not os.path.isfile(job.token):
+            raise ToolError(f"{job.token}: model file not found")
+        a.model_path, a.model_name = job.token, os.path.splitext(os.path.basename(job.token))[0]
+        return job.token
+    if a.model_path:
+        return a.model_path
+    if a.dataset == "imagenet":
+        # Zoo models are built on the worker; a weights FILE travels with the job.
+        return a.weights if os.path.isfile(str(a.weights)) else ""
+    import models
+
+    return models.model_file(a.dataset, a.model_name, a.activation, a.models_dir)
