@@ -24,7 +24,7 @@ host):
   (e) with --compare_jit: stage 1 (one target) with the default kernels
       against stage 1 with --jit_compile (XLA), interleaved in the same run.
 
-    python bench/bench_stage1.py [--rounds 3 --sampler tf|shm|both --skip_art --compare_jit]
+    python bench/bench_stage1.py [--rounds 5 --sampler tf|shm|both --skip_art --compare_jit]
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def parse_args(argv):
     p.add_argument("--batch_size", type=int, default=1024)
     p.add_argument("--sampler", choices=("tf", "shm", "both"), default="tf",
                    help="stage 1's sampler (the reference always samples in the graph)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (minimum kept)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved repetitions (minimum kept)")
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--jit_compile", action="store_true", help="XLA for stage 1 and the reference")
     p.add_argument("--compare_jit", action="store_true",
