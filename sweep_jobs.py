@@ -23,6 +23,7 @@ MODEL_FLAGS = ("-m", "--model_name", "--model_path")
 #: Suffixes that name a model file rather than a zoo name.
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5", ".pb")
 
+
 def collect_args(argv: Sequence[str], where: str):
     """``collect_gradients.parse_args(argv)`` with argparse's exit turned into a ToolError."""
     import collect_gradients
