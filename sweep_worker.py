@@ -316,6 +316,7 @@ def attack_task(blob, dataset: str, images: dict, pairs: list, untargeted_ids: l
     """
     import models
     import reproduce_tables
+    from paper_tables import Attack
 
     where = _node_and_pid()
     folder = tempfile.mkdtemp(prefix="clever-attack-")
@@ -326,7 +327,7 @@ def attack_task(blob, dataset: str, images: dict, pairs: list, untargeted_ids: l
             return {"error": str(err).splitlines()[0], **where}
         records, computed = reproduce_tables.run_attacks(
             model, images, pairs, untargeted_ids, settings, cached, lambda *_: None,
-            only=(reproduce_tables.Attack(attack),))
+            only=(Attack(attack),))
         return {"records": records, "computed": computed, **where}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
