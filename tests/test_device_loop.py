@@ -122,6 +122,26 @@ def test_sync_every_puts_chunk_boundaries_on_multiples():
     assert max(b - a for a, b in zip([0] + est.last_chunk_ends, est.last_chunk_ends)) <= 3
 
 
+def test_a_later_run_starts_at_the_chunk_length_its_predecessor_measured():
+    """The first (image, target) ramps up from a chunk of 1; the next one on the same
+    compiled loop starts at the length the measured time per iteration allows, and
+    draws the same points (results do not depend on the chunking)."""
+    from estimate_gradient_norm import MAX_CHUNK, GradientNormEstimator
+
+    est = GradientNormEstimator(_model(), SHAPE, BATCH)
+    sampler = BallSampler.create("l2")
+    first = list(est.iterate(_x0(), 0, TARGETS, NSAMPS, 40, SEED, IMG, sampler))
+    assert est.last_chunk_ends[0] == 1
+    second = list(est.iterate(_x0(), 0, TARGETS, NSAMPS, 40, SEED, IMG, sampler))
+    # A tiny model takes well under a millisecond per iteration: one chunk of 40 fits.
+    assert est.last_chunk_ends == [40] and MAX_CHUNK >= 40
+    np.testing.assert_array_equal(np.stack([s.grad_max for s in first]),
+                                  np.stack([s.grad_max for s in second]))
+    # Another number of targets is another compiled loop: it ramps up from 1 again.
+    list(est.iterate(_x0(), 0, TARGETS[:1], NSAMPS, 3, SEED, IMG, sampler))
+    assert est.last_chunk_ends[0] == 1
+
+
 def test_closing_the_generator_early_stops_the_pool_stream():
     from estimate_gradient_norm import GradientNormEstimator
 

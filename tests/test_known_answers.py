@@ -319,6 +319,34 @@ def test_nan_samples_are_counted_not_taken_as_the_maximum():
                                                         np.abs(diff).max()], rtol=1e-5)
 
 
+def test_zero_gradient_samples_are_counted_and_the_others_maximised():
+    """g_j = relu(x_0) (w_0c - w_0j): the gradient is zero where x_0 < 0 and
+    (w_0c - w_0j) e_0 elsewhere, so some samples of each batch count as zero and the
+    maxima are those of the others (the branch for all-positive norms must not be taken)."""
+    import tensorflow as tf
+
+    from estimate_gradient_norm import GradientNormEstimator
+    from randsphere import BallSampler
+
+    wn = np.zeros((16, 3), np.float32)
+    wn[0] = [0.0, 1.5, -2.0]
+    wt = tf.constant(wn)
+
+    def model(x, training=False):
+        flat = tf.reshape(x, [-1, 16])
+        return tf.nn.relu(flat[:, :1]) @ wt[:1]
+
+    est = GradientNormEstimator(model, (4, 4, 1), 32)
+    stats = list(est.iterate(np.zeros((4, 4, 1), np.float32), 0, [1, 2], 32, 4, 3, 0,
+                             BallSampler.create("li", 0.05)))
+    for st in stats:
+        assert np.all(st.zero > 0) and np.all(st.zero < 32) and np.all(st.nan == 0)
+        assert st.zero[0] == st.zero[1]   # the same points for both targets
+        for k, j in enumerate((1, 2)):
+            d = abs(wn[0, 0] - wn[0, j])
+            np.testing.assert_array_equal(st.grad_max[k], [d, d, d])
+
+
 def test_sampling_workers_apply_the_transform_to_every_point():
     """The points the model receives with --transform defend_reduce: T(clip(x0 + delta)),
     on the 8 levels k * 32/255 - 0.5 of 3-bit reduction (SPEC section 8)."""
