@@ -276,23 +276,15 @@ class GradientNormEstimator:
         Returns grad_max [T, 3], slope_max [T, 3], nan [T], zero [T].
         """
         norms, g = self._norm_rows(x, c, targets)
-
-        def screened():
-            bad = tf.reduce_any(tf.math.is_nan(norms), axis=2)                   # [T, B]
-            nans = tf.reduce_sum(tf.cast(bad, tf.int32), axis=1)
-            zeros = tf.reduce_sum(tf.cast(tf.logical_and(~bad, norms[:, :, 2] == 0), tf.int32),
-                                  axis=1)
-            # A NaN sample must not hide the finite ones: it is counted, not maximised.
-            return tf.reduce_max(tf.where(bad[:, :, None], -np.inf, norms), axis=1), nans, zeros
-
-        def clean():
-            none = tf.zeros([targets.shape[0]], tf.int32)
-            return tf.reduce_max(norms, axis=1), none, none
-
-        # Norms are >= 0 or NaN, and all three are positive exactly when L-inf is: every
-        # norm > 0 means no NaN and no zero gradient, and the plain maxima are exact.
-        # The branch spares the usual batch the screening ops (a few % on a cheap model).
-        maxima, nans, zeros = tf.cond(tf.reduce_all(norms > 0), clean, screened)  # [T, 3], [T]
+        # Norms are >= 0 or NaN (never -inf), so a row's sum is NaN exactly when one of
+        # its norms is, and 0 exactly when its gradient is all zero. No branch: a tf.cond
+        # would copy its predicate to the host, a sync per batch on a GPU.
+        total = tf.reduce_sum(norms, axis=2)                                     # [T, B]
+        bad = tf.math.is_nan(total)
+        nans = tf.reduce_sum(tf.cast(bad, tf.int32), axis=1)
+        zeros = tf.reduce_sum(tf.cast(total == 0, tf.int32), axis=1)
+        # A NaN sample must not hide the finite ones: it is counted, not maximised.
+        maxima = tf.reduce_max(tf.where(bad[:, :, None], -np.inf, norms), axis=1)  # [T, 3]
         slope = self._slopes(x, g) if self.compute_slope else tf.zeros_like(maxima)
         return maxima, slope, nans, zeros
 
