@@ -322,7 +322,7 @@ def test_nan_samples_are_counted_not_taken_as_the_maximum():
 def test_zero_gradient_samples_are_counted_and_the_others_maximised():
     """g_j = relu(x_0) (w_0c - w_0j): the gradient is zero where x_0 < 0 and
     (w_0c - w_0j) e_0 elsewhere, so some samples of each batch count as zero and the
-    maxima are those of the others (the branch for all-positive norms must not be taken)."""
+    maxima are those of the others."""
     import tensorflow as tf
 
     from estimate_gradient_norm import GradientNormEstimator
