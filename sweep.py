@@ -164,6 +164,9 @@ def connect(args) -> bool:
     kwargs = {"include_dashboard": False, "runtime_env": _runtime_env(args),
               "logging_level": logging.WARNING, "configure_logging": True}
     if args.address == "":
+        # "local": without an address ray.init joins the latest instance that `ray start`
+        # left on this machine, and then refuses num_cpus; '' means a Ray of our own.
+        kwargs["address"] = "local"
         kwargs["num_cpus"] = args.num_cpus or os.cpu_count() or 1
     else:
         kwargs["address"] = args.address

@@ -4,6 +4,7 @@ Synthetic stage-1 files are written here with scipy.io.savemat, named with
 common.MatName and carrying the keys of SPEC section 3, so the tests need
 neither TensorFlow nor stage 1.
 """
+import concurrent.futures
 import csv
 import json
 import math
@@ -122,30 +123,42 @@ RECOVERY = [
 DRAWS = 40
 
 
+@pytest.fixture(scope="module")
+def fit_pool():
+    """Processes for the draws of the recovery tests (each fit is single-threaded)."""
+    with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        yield pool
+
+
+def _fit_draw(loc, shape, scale, n, seed):
+    """(estimate, K-S p-value) of the fit to one draw of n reverse Weibull maxima."""
+    fit = clever.fit_reverse_weibull(reverse_weibull(loc, shape, scale, n,
+                                                     np.random.default_rng(seed)))
+    return fit.estimate, fit.pval
+
+
 @pytest.mark.parametrize("shape,loc,scale,n", RECOVERY)
-def test_recovers_reverse_weibull_location(shape, loc, scale, n):
+def test_recovers_reverse_weibull_location(shape, loc, scale, n, fit_pool):
     close = good_p = 0
     errors = []
-    for draw in range(DRAWS):
-        rng = np.random.default_rng([draw, int(shape * 10), n, int(scale * 100)])
-        samples = reverse_weibull(loc, shape, scale, n, rng)
-        fit = clever.fit_reverse_weibull(samples)
-        close += abs(fit.estimate - loc) <= 0.02 * loc
-        errors.append(abs(fit.estimate - loc) / loc)
-        good_p += fit.pval > 0.05
+    seeds = [[draw, int(shape * 10), n, int(scale * 100)] for draw in range(DRAWS)]
+    for estimate, pval in fit_pool.map(_fit_draw, *zip(*[(loc, shape, scale, n, s)
+                                                         for s in seeds])):
+        close += abs(estimate - loc) <= 0.02 * loc
+        errors.append(abs(estimate - loc) / loc)
+        good_p += pval > 0.05
     assert close >= 0.8 * DRAWS, f"{close}/{DRAWS} estimates within 2% of {loc}"
     assert np.median(errors) < 0.015, f"median relative error {np.median(errors):.3g}"
     assert good_p >= 0.90 * DRAWS, f"{good_p}/{DRAWS} K-S p-values above 0.05"
 
 
-def test_location_recovered_for_shape_below_one():
+def test_location_recovered_for_shape_below_one(fit_pool):
     # For c < 1 the Weibull likelihood is unbounded at loc -> min(-S), so the
     # K-S p-values are not asserted; the estimate is still within 2% because
     # the maxima crowd at the end point.
-    close = 0
-    for draw in range(20):
-        samples = reverse_weibull(2.0, 0.8, 1.0, 300, np.random.default_rng([draw, 8]))
-        close += abs(clever.fit_reverse_weibull(samples).estimate - 2.0) <= 0.04
+    fits = fit_pool.map(_fit_draw, *zip(*[(2.0, 0.8, 1.0, 300, [draw, 8])
+                                          for draw in range(20)]))
+    close = sum(abs(estimate - 2.0) <= 0.04 for estimate, _ in fits)
     assert close >= 19
 
 

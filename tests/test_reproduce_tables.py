@@ -51,7 +51,7 @@ def _argv(base, *extra):
             "--numimg", str(NUMIMG), "-N", str(NSAMPS), "-i", str(NITERS),
             "--radius", str(RADIUS), "--cw_iterations", str(CW_ITERS), "--cw_binary_steps", "2",
             "--ifgsm_iterations", "5", "--out", str(base / "out"), "--save", str(base / "save"),
-            "--nthreads", "1", "--no_progress", *extra]
+            "--nthreads", "2", "--no_progress", *extra]
 
 
 def _run(argv):

@@ -198,6 +198,21 @@ def test_a_killed_driver_resumes(cluster, tmp_path, tanh_model_path):
     assert not glob.glob(os.path.join(save, "**", "*.part"), recursive=True)
 
 
+def test_default_address_starts_its_own_ray_beside_a_running_cluster(cluster):
+    """--address '' starts Ray on this machine, as its help says: a bare ray.init() would
+    join the cluster that was started last here (this module's) and refuse num_cpus."""
+    code = ("import sys, ray, sweep\n"
+            "started = sweep.connect(sweep.parse_args(sys.argv[1:]))\n"
+            "print(started, ray.get_runtime_context().gcs_address,"
+            " ray.cluster_resources().get('CPU'))\n"
+            "ray.shutdown()\n")
+    proc = subprocess.run([sys.executable, "-c", code, "--num_cpus", "3", "--models", "x"],
+                          capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    started, address, cpus = proc.stdout.split()[-3:]
+    assert started == "True" and address != cluster.address and float(cpus) == 3.0
+
+
 def test_bad_flags_fail_in_one_line():
     from common import ToolError
 
