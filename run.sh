@@ -27,7 +27,8 @@ usage: ./run.sh demo
        ns<nsamp>_nit<niters>_<target>_<mmdd_HHMMSS>.log
        environment: CLEVER_SAVE (results folder, default lipschitz_mat), CLEVER_LOGS (default
        logs), CLEVER_MODELS_DIR (default models), CLEVER_NUMIMG (default 20),
-       CLEVER_NO_SETUP=1 (use the environment as it is, no pip)
+       CLEVER_NO_SETUP=1 (use the environment as it is, no pip), CLEVER_TEST_WORKERS (test
+       processes, default one per core up to 4; 0: none)
 USAGE
     exit 2
 }
@@ -38,7 +39,7 @@ ensure_env() {
     local want stamp="$VENV/.clever-requirements"
     want="$(cat requirements.txt; echo "CLEVER_TF=${CLEVER_TF:-}")"
     if [ -x "$PY" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
-        && "$PY" -c "import tensorflow, posix_ipc, scipy, sklearn" 2>/dev/null; then
+        && "$PY" -c "import tensorflow, posix_ipc, scipy, sklearn, xdist" 2>/dev/null; then
         return 0
     fi
     echo "[run.sh] setting up $VENV from requirements.txt (a few minutes the first time)" >&2
@@ -117,7 +118,11 @@ original() {
 
 case "${1:-}" in
     demo) shift; demo "$@" ;;
-    test) shift; ensure_env; exec "$PY" -m pytest "$@" ;;
+    # Test files are spread over one worker per core (at most 4: each loads TensorFlow);
+    # CLEVER_TEST_WORKERS=0 runs them in this process.
+    test) shift; ensure_env
+          exec "$PY" -m pytest -n "${CLEVER_TEST_WORKERS:-auto}" --maxprocesses 4 --dist loadfile \
+              "$@" ;;
     ""|-h|--help|help) usage ;;
     *) original "$@" ;;
 esac

@@ -1,5 +1,8 @@
 """Test configuration: the repository root is importable, TensorFlow is quiet."""
 import argparse
+import contextlib
+import fcntl
+import json
 import os
 import re
 import subprocess
@@ -61,35 +64,63 @@ TRAIN_LINE = re.compile(r"\[TRAIN\] dataset = digits, model = (\S+), test_accura
                         r"time = (\d+\.\d)s")
 
 
+@contextlib.contextmanager
+def _run_wide(tmp_path_factory, name):
+    """A folder shared by every pytest-xdist worker of this run, held under a lock.
+
+    Without xdist it is this session's own. Yields (folder, lock held).
+    """
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's folder; each worker's basetemp is inside it
+    folder = base / name
+    folder.mkdir(exist_ok=True)
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first worker trains, the others wait for it
+        try:
+            yield folder
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def trained_digits(tmp_path_factory):
-    """The four digits demo models, trained once per session with default settings.
+    """The four digits demo models, trained once per test run with default settings.
 
     Returns a namespace: dir (a --models_dir), stdout, results (name ->
     (test accuracy, seconds)), wall (seconds).
     """
-    models_dir = tmp_path_factory.mktemp("digits_models")
-    start = time.time()
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_models.py"), "--dataset",
-                           "digits", "--models", "normal,distilled,2-layer,brelu", "--models_dir",
-                           str(models_dir)], capture_output=True, text=True, cwd=ROOT, timeout=1800,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    wall = time.time() - start
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    with _run_wide(tmp_path_factory, "digits_models") as models_dir:
+        record = models_dir.parent / "digits_models.json"  # beside: the folder holds models only
+        if not record.exists():
+            start = time.time()
+            proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_models.py"),
+                                   "--dataset", "digits", "--models",
+                                   "normal,distilled,2-layer,brelu", "--models_dir",
+                                   str(models_dir)], capture_output=True, text=True, cwd=ROOT,
+                                  timeout=1800, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            record.write_text(json.dumps({"stdout": proc.stdout, "wall": time.time() - start}))
+        done = json.loads(record.read_text())
     results = {m.group(1): (float(m.group(2)), float(m.group(3)))
-               for m in TRAIN_LINE.finditer(proc.stdout)}
-    return argparse.Namespace(dir=str(models_dir), stdout=proc.stdout, results=results, wall=wall)
+               for m in TRAIN_LINE.finditer(done["stdout"])}
+    return argparse.Namespace(dir=str(models_dir), stdout=done["stdout"], results=results,
+                              wall=done["wall"])
 
 
 @pytest.fixture(scope="session")
-def digits_tanh_dir(trained_digits):
+def digits_tanh_dir(tmp_path_factory, trained_digits):
     """Adds the 7-layer tanh CNN (digits_cnn_7layer_tanh) to the trained models' folder."""
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_nlayer.py"), "--model",
-                           "digits", "--modeltype", "cnn", "--activation", "tanh", "32", "32", "64",
-                           "64", "200", "200", "--models_dir", trained_digits.dir],
-                          capture_output=True, text=True, cwd=ROOT, timeout=1800,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    with _run_wide(tmp_path_factory, "digits_models") as models_dir:
+        marker = models_dir.parent / "digits_models.tanh"
+        if not marker.exists():
+            proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_nlayer.py"),
+                                   "--model", "digits", "--modeltype", "cnn", "--activation",
+                                   "tanh", "32", "32", "64", "64", "200", "200", "--models_dir",
+                                   trained_digits.dir], capture_output=True, text=True, cwd=ROOT,
+                                  timeout=1800, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            marker.write_text("")
     return trained_digits.dir
 
 
