@@ -243,6 +243,13 @@ def main(args):
         model, c, j, best, s = cnn
         print(f"\n(b) CNN, 9 targets / (9 x one target), sampler {s}: "
               f"{best['stage1 9 targets'] / (9 * best['stage1 ' + s]):.3f}  (target <= 0.6)")
+        # Per iteration: what every target pays (its backward pass and norms) and what
+        # the targets share (sampling, forward pass); the ratio is (S + 9B) / (9 (S + B)).
+        one = best["stage1 " + s] / niters["normal"] * 1e3
+        nine = best["stage1 9 targets"] / niters["normal"] * 1e3
+        extra = (nine - one) / 8
+        print(f"    per iteration: one target {one:.0f} ms, nine {nine:.0f} ms; each extra "
+              f"target B = {extra:.0f} ms, shared S = {one - extra:.0f} ms")
     print(f"\n(c) peak resident memory: {_peak_rss_mib():.0f} MiB (main process)"
           + (f", {worker_peak:.0f} MiB (sampling worker)" if worker_peak else ""))
     if xla_rows:
