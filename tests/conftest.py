@@ -68,7 +68,7 @@ TRAIN_LINE = re.compile(r"\[TRAIN\] dataset = digits, model = (\S+), test_accura
 def _run_wide(tmp_path_factory, name):
     """A folder shared by every pytest-xdist worker of this run, held under a lock.
 
-    Without xdist it is this session's own. Yields (folder, lock held).
+    Without xdist it is this session's own. Yields the folder while holding the lock.
     """
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
