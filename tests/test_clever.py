@@ -6,6 +6,7 @@ neither TensorFlow nor stage 1.
 """
 import concurrent.futures
 import csv
+import functools
 import json
 import math
 import os
@@ -142,8 +143,8 @@ def test_recovers_reverse_weibull_location(shape, loc, scale, n, fit_pool):
     close = good_p = 0
     errors = []
     seeds = [[draw, int(shape * 10), n, int(scale * 100)] for draw in range(DRAWS)]
-    for estimate, pval in fit_pool.map(_fit_draw, *zip(*[(loc, shape, scale, n, s)
-                                                         for s in seeds])):
+    for estimate, pval in fit_pool.map(functools.partial(_fit_draw, loc, shape, scale, n),
+                                       seeds):
         close += abs(estimate - loc) <= 0.02 * loc
         errors.append(abs(estimate - loc) / loc)
         good_p += pval > 0.05
@@ -156,8 +157,8 @@ def test_location_recovered_for_shape_below_one(fit_pool):
     # For c < 1 the Weibull likelihood is unbounded at loc -> min(-S), so the
     # K-S p-values are not asserted; the estimate is still within 2% because
     # the maxima crowd at the end point.
-    fits = fit_pool.map(_fit_draw, *zip(*[(2.0, 0.8, 1.0, 300, [draw, 8])
-                                          for draw in range(20)]))
+    fits = fit_pool.map(functools.partial(_fit_draw, 2.0, 0.8, 1.0, 300),
+                        [[draw, 8] for draw in range(20)])
     close = sum(abs(estimate - 2.0) <= 0.04 for estimate, _ in fits)
     assert close >= 19
 
