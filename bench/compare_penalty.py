@@ -7,7 +7,7 @@ the original's penalty (SciPy's theta[2], the scale of the rescaled fit:
 (``--penalize shape``), and prints the range of fitted shapes under each and
 the ratio of the Lipschitz estimates (shape / scale) over all fits:
 
-    python bench/compare_penalty.py ../shared/fixtures/original-stage2/targeted
+    python bench/compare_penalty.py tests/data/original-stage2/targeted
     python bench/compare_penalty.py lipschitz_mat/demo/digits_normal
 """
 from __future__ import annotations

@@ -16,12 +16,9 @@ import pytest
 import process_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(os.path.dirname(ROOT), "shared", "fixtures", "original-stage2")
-PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
-if not os.path.exists(PYTHON):
-    PYTHON = sys.executable
-
-needs_fixtures = pytest.mark.skipif(not os.path.isdir(FIXTURES), reason="no ../shared fixtures")
+#: the original tool's logs and the stage-1 files they came from (README.md there)
+FIXTURES = os.path.join(ROOT, "tests", "data", "original-stage2")
+PYTHON = sys.executable
 
 
 def _fixture(name):
@@ -56,7 +53,6 @@ def _row(summary, model, info, norm):
 # --------------------------------------------------------------------------
 # The original's logs
 # --------------------------------------------------------------------------
-@needs_fixtures
 @pytest.mark.parametrize("name", ["original_targeted_mle_reg.txt", "original_targeted_mle.txt",
                                   "original_targeted_maxsamp.txt",
                                   "original_untargeted_mle_reg.txt"])
@@ -74,7 +70,6 @@ def test_every_debug_line_of_the_original_is_parsed(name):
         assert fit.nsamps == int(re.search(r"nsamps = (\d+)", line).group(1))
 
 
-@needs_fixtures
 @pytest.mark.parametrize("info", ["top2", "random", "least"])
 @pytest.mark.parametrize("norm,label", [("1", "L1"), ("2", "L2"), ("i", "Li")])
 def test_means_of_the_original_mle_reg_log(info, norm, label):
@@ -98,7 +93,6 @@ def test_means_of_the_original_mle_reg_log(info, norm, label):
     assert row.bnd_mean == pytest.approx(float(stats.group(1)), rel=1.5e-4)
 
 
-@needs_fixtures
 def test_maxsamp_log_has_no_usable_figures():
     text = _read(_fixture("original_targeted_maxsamp.txt"))
     fits = process_log.parse_lines(text.splitlines(), model="cnn")
@@ -114,7 +108,6 @@ def test_maxsamp_log_has_no_usable_figures():
     assert "Nimg_usable = nan, bnd_avg_usable = nan, usable_pct = nan" in line
 
 
-@needs_fixtures
 def test_untargeted_log_orders_classes_numerically():
     text = _read(_fixture("original_untargeted_mle_reg.txt"))
     summary = process_log.summarize(process_log.parse_lines(text.splitlines(), model="u"))
@@ -254,7 +247,6 @@ def test_cli_no_debug_lines_one_line_error(tmp_path):
     assert len(err) == 1 and str(empty) in err[0] and "Traceback" not in proc.stderr
 
 
-@needs_fixtures
 def test_cli_on_the_original_log():
     path = _fixture("original_targeted_mle_reg.txt")
     proc = _cli(path)
@@ -271,7 +263,6 @@ def test_cli_on_the_original_log():
     assert "%%% Table for bounds %%%" in proc.stdout
 
 
-@needs_fixtures
 def test_this_toolkits_clever_log(tmp_path):
     """This toolkit's clever.py output: process_log's means equal its own [STATS][L0] lines."""
     proc = subprocess.run([PYTHON, os.path.join(ROOT, "clever.py"),
