@@ -391,27 +391,27 @@ def test_firstimg_beyond_the_test_set(tmp_path, linear_model_path, capsys):
     assert status == 2 and "--firstimg" in capsys.readouterr().err
 
 
-def _start(argv, tmp_path):
+def _start(argv, tmp_path, hold=False):
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+    # hold: tests/hold.py stops the run inside, after its first file, until the
+    # signal, so the fault lands mid-run whatever the machine's speed.
+    driver = [os.path.join(ROOT, "tests", "hold.py")] if hold else []
     # A suite started as a shell's background job (nohup ... &, some CI
     # runners) inherits SIGINT ignored, and Python keeps it ignored; a user's
     # Ctrl-C reaches a foreground process with the default disposition, which
     # is what the tests simulate.
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "collect_gradients.py")] + argv,
+    return subprocess.Popen([sys.executable] + driver
+                            + [os.path.join(ROOT, "collect_gradients.py")] + argv,
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def _wait_for_line(proc, prefix, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if line.startswith(prefix):
+def _wait_for_hold(proc):
+    for line in proc.stderr:
+        if line.startswith("[HOLD]"):
             return line
-    raise AssertionError(f"no {prefix} line; stderr: {proc.stderr.read()[-2000:]}")
+    raise AssertionError(f"the run ended without writing a file; stdout: {proc.stdout.read()[-2000:]}")
 
 
 def _children(pid):
@@ -420,12 +420,12 @@ def _children(pid):
 
 
 def test_sigkill_leaves_no_segment_no_partial_file_and_rerun_completes(tmp_path, tanh_model_path):
-    # 10 images x 3 targets: the kill lands once the first file is on disk, with 9
-    # images (hundreds of batches) still to go, so the run cannot finish first.
+    # 10 images x 3 targets: the run is held once the first file is on disk, and
+    # the kill lands there.
     argv = ["--model_path", tanh_model_path, "-N", "256", "-i", "60", "-n", "10", "--sampler",
             "shm", "--nthreads", "2", "-s", str(tmp_path / "out"), "-q", "--no_progress"]
-    proc = _start(argv, tmp_path)
-    _wait_for_line(proc, "[STATS][L1] total")
+    proc = _start(argv, tmp_path, hold=True)
+    _wait_for_hold(proc)
     workers = _children(proc.pid)
     assert workers, "the shm sampler runs worker processes"
     os.kill(proc.pid, signal.SIGKILL)
@@ -437,7 +437,7 @@ def test_sigkill_leaves_no_segment_no_partial_file_and_rerun_completes(tmp_path,
     assert not any(_alive(w) for w in workers), "workers exit when the parent is killed"
     assert _our_shm(proc.pid) == []
     partial = len(_mats(tmp_path / "out"))
-    assert 1 <= partial < 30
+    assert partial == 1
     for path in _mats(tmp_path / "out"):
         assert _load(path)["G2_max"].size == 60  # every .mat present is complete
     rerun = _start(argv, tmp_path)
@@ -459,13 +459,12 @@ def _alive(pid):
 
 
 def test_ctrl_c_stops_cleanly(tmp_path, tanh_model_path):
-    # Enough work (30 images) that the run is still going when the signal
-    # lands; the signal is sent once the first file is written, so sampling is
-    # under way rather than still loading the model.
-    proc = _start(["--model_path", tanh_model_path, "-N", "256", "-i", "200", "-n", "30",
+    # The run is held once its first file is written (sampling under way, the
+    # workers started), and Ctrl-C lands there.
+    proc = _start(["--model_path", tanh_model_path, "-N", "256", "-i", "200", "-n", "3",
                    "--sampler", "shm", "-s", str(tmp_path / "out"), "-q", "--no_progress"],
-                  tmp_path)
-    _wait_for_line(proc, "[STATS][L1] total")
+                  tmp_path, hold=True)
+    _wait_for_hold(proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130

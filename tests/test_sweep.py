@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -58,8 +57,11 @@ def _mats(folder):
     return sorted(glob.glob(os.path.join(folder, "**", "*.mat"), recursive=True))
 
 
-def _sweep_cmd(cluster, models, save, out, extra):
-    return [sys.executable, os.path.join(ROOT, "sweep.py"), "--address", cluster.address,
+def _sweep_cmd(cluster, models, save, out, extra, hold=()):
+    # hold: tests/hold.py holds the driver inside once its first file is written
+    # (until the release file exists, or a signal), so a fault lands mid-sweep.
+    driver = [os.path.join(ROOT, "tests", "hold.py"), *hold] if hold else []
+    return [sys.executable, *driver, os.path.join(ROOT, "sweep.py"), "--address", cluster.address,
             "--workers", "2", "--models", models, "-s", str(save), "--out", str(out)] + extra
 
 
@@ -67,12 +69,11 @@ def _env():
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT}
 
 
-def _wait_for_files(folder, n, proc, timeout=300):
-    start = time.time()
-    while len(_mats(folder)) < n:
-        assert proc.poll() is None, "the sweep ended before the fault was injected"
-        assert time.time() - start < timeout, "no result file appeared"
-        time.sleep(0.2)
+def _wait_for_hold(proc):
+    for line in proc.stderr:
+        if line.startswith("[HOLD]"):
+            return line
+    raise AssertionError("the sweep ended without writing a file")
 
 
 def test_sweep_matches_collect_gradients_on_two_nodes(cluster, tmp_path, linear_model_path,
@@ -126,12 +127,14 @@ def test_sweep_matches_collect_gradients_on_two_nodes(cluster, tmp_path, linear_
 
 def test_a_killed_worker_loses_nothing(cluster, tmp_path, tanh_model_path):
     save, out = tmp_path / "sweep", tmp_path / "out"
+    release = tmp_path / "release"
     proc = subprocess.Popen(_sweep_cmd(cluster, tanh_model_path, save, out,
-                                       ["-n", "5", "--no_stage2"] + SLOW),
+                                       ["-n", "5", "--no_stage2"] + SLOW,
+                                       hold=("--release", str(release))),
                             cwd=str(tmp_path), env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for_files(save, 1, proc)
+        _wait_for_hold(proc)
         ray.init(address=cluster.address, namespace=sweep.NAMESPACE)
         try:
             pid = None
@@ -149,6 +152,7 @@ def test_a_killed_worker_loses_nothing(cluster, tmp_path, tanh_model_path):
             os.kill(pid, signal.SIGKILL)
         finally:
             ray.shutdown()
+            release.touch()  # the driver goes on, with one worker dead
         stdout, stderr = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
@@ -170,10 +174,12 @@ def test_a_killed_worker_loses_nothing(cluster, tmp_path, tanh_model_path):
 def test_a_killed_driver_resumes(cluster, tmp_path, tanh_model_path):
     save, out = tmp_path / "sweep", tmp_path / "out"
     cmd = _sweep_cmd(cluster, tanh_model_path, save, out, ["-n", "5", "--no_stage2"] + SLOW)
-    proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_sweep_cmd(cluster, tanh_model_path, save, out,
+                                       ["-n", "5", "--no_stage2"] + SLOW, hold=("--after", "1")),
+                            cwd=str(tmp_path), env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for_files(save, 1, proc)
+        _wait_for_hold(proc)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
