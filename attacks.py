@@ -2,7 +2,7 @@
 
 CLEVER estimates a lower bound on the distortion needed to change a
 classifier's decision; attacks give upper bounds. The paper (ICLR 2018,
-Table 2 to 4, SPEC section 6) sets both side by side with
+Table 2 to 4, docs/paper_tables.md) sets both side by side with
 
 * Carlini-Wagner L2 (Carlini & Wagner, S&P 2017): tanh change of variables,
   Adam, binary search over the constant c, early abort, confidence kappa;
@@ -86,7 +86,7 @@ PAPER_EPS_GRID: tuple[float, ...] = (0.01, 0.025, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0)
 #: with roughly the same relative spacing as the L-infinity grid.
 L2_EPS_GRID: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 10.0)
 
-#: CW iterations used in the paper per dataset (SPEC section 6).
+#: CW iterations used in the paper per dataset (docs/paper_tables.md).
 PAPER_CW_ITERATIONS: dict[str, int] = {"mnist": 2000, "digits": 2000, "cifar": 1000,
                                        "imagenet": 1000}
 

@@ -2,9 +2,9 @@
 """Stage 2 of the CLEVER toolkit: reverse Weibull fits and CLEVER scores.
 
 Reads the ``.mat`` files of stage 1 (this toolkit's or the original tool's,
-SPEC section 3), estimates the local Lipschitz constant of every file and norm
+docs/format.md), estimates the local Lipschitz constant of every file and norm
 by fitting a reverse Weibull distribution to the batch maxima of gradient norms
-(SPEC section 4) and prints the CLEVER statistics in the original tool's format.
+(docs/format.md) and prints the CLEVER statistics in the original tool's format.
 
 NumPy/SciPy only: this module never imports TensorFlow, directly or not.
 
@@ -49,7 +49,7 @@ PROG = "clever.py"
 # Scores (pure)
 # --------------------------------------------------------------------------
 def clever_bound(g_x0: float, lipschitz: float) -> float:
-    """First-order CLEVER bound g(x0) / L (SPEC section 1); +inf when L is 0.
+    """First-order CLEVER bound g(x0) / L (docs/format.md); +inf when L is 0.
 
     ``g_x0``: logit margin f_c(x0) - f_j(x0); ``lipschitz``: estimate of
     max ||grad g||_q in the dual norm q of the bound's norm p.
@@ -60,7 +60,7 @@ def clever_bound(g_x0: float, lipschitz: float) -> float:
 
 
 def second_order_bound(g_x0: float, grad_norm: float, curvature: float) -> float:
-    """Second-order CLEVER L2 bound (GlobalSIP 2018, SPEC section 1).
+    """Second-order CLEVER L2 bound (GlobalSIP 2018, docs/format.md).
 
     (-a + sqrt(a^2 + 2 g H)) / H with a = ||grad g(x0)||_2, g = g(x0) and
     H >= 0 the estimated magnitude of the most negative curvature, computed as
@@ -407,7 +407,7 @@ def _log_fit(f: StageOneFile, norm: Norm, fit: FitResult) -> None:
 
 
 # --------------------------------------------------------------------------
-# Printed lines (the format of SPEC section 4)
+# Printed lines (the format of docs/format.md)
 # --------------------------------------------------------------------------
 def trial_lines(fit: FitResult) -> list[str]:
     """The original's ``[DEBUG][L2]`` lines: the fit from each initial shape."""

@@ -4,7 +4,7 @@
 For each test image and target class, draw N_b = --Niters batches of
 N_s = --Nsamps points in an Lp ball around the image, compute the norms of
 the gradient of g(x) = f_c(x) - f_j(x), and write one .mat file per
-(image, target) with the per-batch maxima (format: SPEC section 3), e.g.
+(image, target) with the per-batch maxima (format: docs/format.md), e.g.
 
     python collect_gradients.py -d digits -m normal -n 10 -N 1024 -i 500
 

@@ -85,7 +85,7 @@ def dual_norm(norm: Norm) -> Norm:
     """The dual norm q of p (1/p + 1/q = 1): L1 <-> Linf, L2 <-> L2.
 
     A perturbation bound in norm p needs the Lipschitz constant measured with
-    the gradient's norm q = dual_norm(p) (SPEC section 1).
+    the gradient's norm q = dual_norm(p) (docs/format.md).
     """
     return {Norm.L1: Norm.LINF, Norm.L2: Norm.L2, Norm.LINF: Norm.L1}[norm]
 
@@ -102,7 +102,7 @@ def radius_cap(radius: float, sample_norm: Norm, bound_norm: Norm, dim: int) -> 
 
     CLEVER-t is capped at the sampling radius R (Algorithm 1). A bound in norm
     p is only certified inside the region sampled, an s-ball; the largest
-    p-ball inside it has radius R / d^max(0, 1/s - 1/p) (SPEC section 4).
+    p-ball inside it has radius R / d^max(0, 1/s - 1/p) (docs/format.md).
     """
     inv = {Norm.L1: 1.0, Norm.L2: 0.5, Norm.LINF: 0.0}
     return float(radius) / float(dim) ** max(0.0, inv[sample_norm] - inv[bound_norm])
@@ -166,7 +166,7 @@ def info_string(kind: TargetKind, target_label: int) -> str:
 
 
 # --------------------------------------------------------------------------
-# Stage-1 file names (SPEC section 3)
+# Stage-1 file names (docs/format.md)
 # --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MatName:

@@ -2,7 +2,7 @@
 
 Each defense maps a batch of images in [0, 1] (float32 [N, H, W, C], C = 1
 or 3) to transformed images of the same shape in [0, 1], with the original
-tool's arithmetic (SPEC section 8):
+tool's arithmetic (docs/format.md):
 
 * ``defend_reduce``: 8-bit value by truncation, keep its top 3 bits
   (levels k*32/255, the largest 224/255);

@@ -391,7 +391,7 @@ class GradientNormEstimator:
         return lam, steps
 
     def _curvature_stats(self, x, c, targets, seed):
-        """Second-order statistics of one batch, per target (SPEC section 1).
+        """Second-order statistics of one batch, per target (docs/format.md).
 
         Power iteration gives each sample's dominant eigenvalue mu. If the
         batch's largest mu is positive, a second run on (H - s I), s = that

@@ -1,9 +1,9 @@
 """The original tool's model zoo for MNIST, CIFAR-10 and digits, in Keras 3.
 
 Every model outputs logits [batch, num_classes] (no softmax): CLEVER takes
-gradients of logit differences (SPEC section 2).
+gradients of logit differences (docs/format.md).
 
-* Architectures (SPEC section 5): ``normal`` is the 7-layer CNN (3x3 valid
+* Architectures (docs/format.md): ``normal`` is the 7-layer CNN (3x3 valid
   convolutions 32, 32, pool, 64, 64, pool, dense 200, dropout 0.5, dense 200,
   dense 10; CIFAR: 64, 64, 128, 128, 256, 256) with activation relu, tanh,
   sigmoid, elu, softplus, hard_sigmoid or arctan; ``distilled`` is the same
@@ -461,7 +461,7 @@ def _output_layer(model):
 def logits_model(model, path: str = "model") -> tuple:
     """The model scored on logits: a final softmax is removed.
 
-    CLEVER is defined on logits (SPEC section 1); gradients of probabilities
+    CLEVER is defined on logits (docs/format.md); gradients of probabilities
     are not what the bound needs. When the layer producing the output is a
     ``Softmax`` layer, an ``Activation("softmax")`` or a layer built with
     ``activation="softmax"`` (e.g. ``Dense(10, activation="softmax")``),

@@ -66,7 +66,7 @@ TABLE4_COLUMNS: dict[str, tuple[Attack, Norm]] = {
     "CW L2": (Attack.CW_L2, Norm.L2), "I-FGSM L2": (Attack.IFGSM_L2, Norm.L2),
     "CW Linf": (Attack.CW_L2, Norm.LINF), "I-FGSM Linf": (Attack.IFGSM_LINF, Norm.LINF)}
 
-#: Table 2 columns (SPEC section 6): column -> (source, norm); source is an
+#: Table 2 columns (docs/paper_tables.md): column -> (source, norm); source is an
 #: attack or "clever".
 TABLE2_COLUMNS: dict[str, tuple[Attack | str, Norm]] = {
     "CW L2": (Attack.CW_L2, Norm.L2), "CW Linf": (Attack.CW_L2, Norm.LINF),
@@ -74,7 +74,7 @@ TABLE2_COLUMNS: dict[str, tuple[Attack | str, Norm]] = {
     "CLEVER L2": ("clever", Norm.L2), "CLEVER Linf": ("clever", Norm.LINF)}
 
 # --------------------------------------------------------------------------
-# The paper's numbers (SPEC section 6). digits stands in for MNIST.
+# The paper's numbers (docs/paper_tables.md). digits stands in for MNIST.
 # --------------------------------------------------------------------------
 #: Our model name -> (paper row, Table 2 numbers in TABLE2_COLUMNS order).
 PAPER_TABLE2: dict[str, dict[str, tuple[str, tuple[float, ...]]]] = {
@@ -437,7 +437,7 @@ def render_markdown(tables: Mapping[str, object], settings: Mapping[str, object]
          "(the paper ran CW's L-infinity attack). 'I-FGSM L2' is the L2 variant of I-FGSM "
          "(normalised gradient steps); the L2 distortion of the I-FGSM L-infinity examples is "
          "column ifgsm_li_L2 of records.csv. Rows 'paper ...' are the published MNIST/CIFAR "
-         "numbers (SPEC section 6)."),
+         "numbers (docs/paper_tables.md)."),
         ("Table 3: targeted, L2, mean CW distortion / mean CLEVER score", "table3", {},
          "Over the (image, target) pairs of each target kind; the targets are those the "
          "stage-1 files record."),

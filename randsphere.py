@@ -1,6 +1,6 @@
 """Samplers for L2, L-infinity and L1 balls, and a shared-memory worker pool.
 
-The samplers reproduce the original tool's schemes (SPEC section 2) and, with
+The samplers reproduce the original tool's schemes (docs/format.md) and, with
 ``uniform_ball=True``, sample uniformly in the ball of radius R as the paper
 states. They are NumPy only; the TensorFlow twins used by ``--sampler tf``
 live in ``estimate_gradient_norm.py`` and follow the same definitions.
@@ -154,7 +154,7 @@ def bpda_points(sampler: BallSampler, x0: np.ndarray, seed_parts: Sequence[int],
 
     T(clip(x0 + delta)) clipped again, where delta are the sampler's
     perturbations drawn with derived_seed(*seed_parts) around the
-    UNtransformed x0 (BPDA, SPEC section 1); clip(x0 + delta) without a
+    UNtransformed x0 (BPDA, docs/format.md); clip(x0 + delta) without a
     transformation. What a pool worker writes for the job.
     """
     pts = sampler.points(np.random.default_rng(derived_seed(*seed_parts)), x0, n, clip)

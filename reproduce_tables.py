@@ -70,7 +70,7 @@ DEFAULT_NUMIMG = 10
 DEFAULT_NSAMPS = 128
 DEFAULT_NITERS = 50
 DEFAULT_CW_BINARY_STEPS = 9
-# The paper's radius for its tables (SPEC section 6), not stage 1's R = 3: the
+# The paper's radius for its tables (docs/paper_tables.md), not stage 1's R = 3: the
 # bound is the margin over the largest gradient norm in the ball, and a radius
 # below the CW distortion of the far targets cannot see the steep region near
 # the decision boundary (digits BReLU: CLEVER below CW for 30% of pairs at

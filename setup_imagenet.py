@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""ImageNet models and images for the CLEVER toolkit (SPEC section 5).
+"""ImageNet models and images for the CLEVER toolkit (docs/format.md).
 
 Three things live here, all returning what stage 1 expects everywhere else in
 the toolkit: Keras models that take float32 ``[N, S, S, 3]`` RGB images in

@@ -3,7 +3,7 @@
 One core, two drivers: :func:`score_image` runs the iterations of one image
 for all its pending targets and returns the per-target arrays;
 :func:`mat_record` turns one (image, target) result into every key of its
-``.mat`` file (SPEC section 3 plus this toolkit's provenance keys);
+``.mat`` file (docs/format.md plus this toolkit's provenance keys);
 :func:`plan_image_files` lists the files still to write. The drivers keep
 argument handling, printing and writing files.
 
@@ -172,7 +172,7 @@ def mat_record(args, task: "ImageTask", target: "Target", result: "TargetResult"
                grad_x0_norm: np.ndarray | None = None, extra: dict | None = None) -> dict:
     """Every key of the ``.mat`` file of one (image, target).
 
-    SPEC section 3's keys (first order: G1_max, G2_max, Gi_max, L1_max,
+    docs/format.md's keys (first order: G1_max, G2_max, Gi_max, L1_max,
     L2_max, Li_max; second order: H2_max, g_x0_grad_2_norm; both: g_x0, pred,
     id, true_label, target_label, info, args, path) and this toolkit's
     provenance keys (radius, sampling, seed, counts of NaN/zero gradients,

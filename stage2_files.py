@@ -1,4 +1,4 @@
-"""Reading stage-1 ``.mat`` files of this toolkit and of the original tool (SPEC section 3).
+"""Reading stage-1 ``.mat`` files of this toolkit and of the original tool (docs/format.md).
 
 :func:`load_stage1_file` turns one file into a checked :class:`StageOneFile`
 (the maxima to fit per bound norm, margin, labels, sampling ball,
@@ -42,7 +42,7 @@ class FileError(ToolError):
 
 @dataclass(frozen=True, eq=False)
 class StageOneFile:
-    """One stage-1 file, read and checked (SPEC section 3).
+    """One stage-1 file, read and checked (docs/format.md).
 
     ``maxima`` maps each BOUND norm p to the array fitted for it (float64,
     shape (Niters,) or the first --num_samples of it; the stored float dtype is
@@ -51,7 +51,7 @@ class StageOneFile:
     --use_slope) or, for order 2, of |H2_max| for p = L2 only. ``keys`` names
     the stored key of each. ``radius``/``sample_norm``/``dim`` describe the
     sampling ball (file keys, else the ``args`` struct, else the original
-    defaults, SPEC section 2); ``dim`` is None when unknown.
+    defaults, docs/format.md); ``dim`` is None when unknown.
     """
 
     path: str

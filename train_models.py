@@ -11,7 +11,7 @@ models/digits_2layer.keras. For each model one line goes to stdout::
     [TRAIN] dataset = digits, model = normal, test_accuracy = 0.9833, time = 12.3s
 
 Training uses softmax cross-entropy on logits. ``distilled`` is defensive
-distillation at temperature T = 100 (SPEC section 5): a teacher is trained on
+distillation at temperature T = 100 (docs/format.md): a teacher is trained on
 logits / T, its soft labels softmax(teacher logits / T) on the training images
 become the targets of a student (started from the teacher's weights, as the
 original did) trained on logits / T; the saved student outputs its plain

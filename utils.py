@@ -1,7 +1,7 @@
 """Target-class selection for stage 1 (TensorFlow-free).
 
 For each test image the model's logits decide the targets, as the original
-tool did (SPEC section 2): least likely (lowest logit), top-2 (second highest
+tool did (docs/format.md): least likely (lowest logit), top-2 (second highest
 logit), random (drawn as the original: Python's ``random`` seeded with
 ``--seed``, ``randint`` over the classes until one is neither the prediction
 nor the least-likely nor the top-2 class, one draw per examined image in

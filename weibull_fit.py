@@ -1,4 +1,4 @@
-"""The reverse Weibull fit of CLEVER's stage 2 (SPEC section 4), NumPy/SciPy only.
+"""The reverse Weibull fit of CLEVER's stage 2 (docs/format.md), NumPy/SciPy only.
 
 One array S of N batch maxima of a gradient norm in, one :class:`FitResult`
 out. The default reproduces the original tool's ``clever.py`` number for
@@ -168,7 +168,7 @@ def _trial(s: np.ndarray, x: np.ndarray, shift: float, spread: float, c0: float,
 def fit_reverse_weibull(samples: np.ndarray, method: Method | str = Method.MLE_REG,
                         shape_reg: float = 0.01,
                         penalize: Penalty | str = Penalty.SCALE) -> FitResult:
-    """Estimate the right end point of the distribution of ``samples`` (SPEC section 4).
+    """Estimate the right end point of the distribution of ``samples`` (docs/format.md).
 
     ``samples``: N batch maxima (any shape, flattened; float32 or float64 kept
     as stored, as the original computed in the file's dtype; non-finite

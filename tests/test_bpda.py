@@ -1,4 +1,4 @@
-"""BPDA (SPEC section 1): the model is evaluated at T(clip(x0 + delta)), clipped again, where
+"""BPDA (docs/format.md): the model is evaluated at T(clip(x0 + delta)), clipped again, where
 delta are drawn in the ball around the UNtransformed x0; the gradient there stands for the
 gradient at x0 + delta."""
 import numpy as np

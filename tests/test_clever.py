@@ -1,7 +1,7 @@
 """Tests of stage 2 (clever.py): the reverse Weibull fit, the scores and the CLI.
 
 Synthetic stage-1 files are written here with scipy.io.savemat, named with
-common.MatName and carrying the keys of SPEC section 3, so the tests need
+common.MatName and carrying the keys of docs/format.md, so the tests need
 neither TensorFlow nor stage 1.
 """
 import concurrent.futures
@@ -60,7 +60,7 @@ def reverse_weibull(loc, shape, scale, n, rng):
 def write_stage1(folder, img_id, target, info, *, true_label=0, niters=100, nsamps=1024,
                  g_x0=1.5, seed=0, extra=None, drop=(), arrays=None, order=1,
                  activation="relu"):
-    """A stage-1 file with the keys of SPEC section 3 (this toolkit's layout)."""
+    """A stage-1 file with the keys of docs/format.md (this toolkit's layout)."""
     rng = np.random.default_rng([seed, img_id, target])
     data = {}
     if order == 1:
@@ -106,7 +106,7 @@ def run_script(argv, cwd):
 # --------------------------------------------------------------------------
 # (shape c, location L, scale, number of maxima). For c > 2 the location MLE
 # has a standard error of order scale / sqrt(n), so scale / L is kept where 2%
-# of L is a few standard errors; with c = 4.1 and scale / L = 0.23 (the SPEC's
+# of L is a few standard errors; with c = 4.1 and scale / L = 0.23 (the format's
 # example line) no estimator gets within 2% that often (an MLE started at the
 # true parameters with tight tolerances does no better: about 70% at n = 500).
 # The original's procedure (fmin's loose tolerances, the scale penalty) gets
@@ -254,7 +254,7 @@ def test_mle_and_mle_reg():
     # The default penalty barely moves a well-conditioned fit...
     assert reg.estimate == pytest.approx(mle.estimate, rel=0.01)
     # ...a heavy one pulls the penalised parameter of the rescaled fit down: the
-    # scale by default (the original's theta[2], SPEC section 4), c with "shape".
+    # scale by default (the original's theta[2], docs/format.md), c with "shape".
     heavy = clever.fit_reverse_weibull(samples, "mle_reg", shape_reg=3.0)
     assert heavy.scale < 0.95 * mle.scale
     heavy_c = clever.fit_reverse_weibull(samples, "mle_reg", shape_reg=3.0, penalize="shape")

@@ -1,4 +1,4 @@
-"""Input transformations of defense.py, against the original tool's arithmetic (SPEC section 8)."""
+"""Input transformations of defense.py, against the original tool's arithmetic (docs/format.md)."""
 import numpy as np
 import pytest
 

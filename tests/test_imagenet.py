@@ -19,7 +19,7 @@ HEAVY = os.environ.get("CLEVER_HEAVY_TESTS") == "1"
 heavy = [pytest.mark.heavy,
          pytest.mark.skipif(not HEAVY, reason="heavy model; set CLEVER_HEAVY_TESTS=1 to run")]
 
-#: Names the toolkit promises (issue 6) and the original tool's 18 graphs (SPEC 5).
+#: Names the toolkit promises (issue 6) and the original tool's 18 graphs (docs/format.md).
 REQUIRED_KERAS = ["resnet50", "resnet101", "resnet152", "resnet50_v2", "resnet101_v2",
                   "resnet152_v2", "inception_v3", "inception_resnet_v2", "mobilenet_v1_0.25",
                   "mobilenet_v1_0.5", "mobilenet_v1_1.0", "mobilenet_v2", "vgg16", "vgg19",

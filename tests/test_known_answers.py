@@ -1,7 +1,7 @@
 """Known answers written as numbers: target selection and the nine radius caps.
 
 Every expected value here is worked out by hand from the definitions in
-SPEC sections 2, 4 and 8 (not computed with the toolkit's own helpers), so a
+docs/format.md (not computed with the toolkit's own helpers), so a
 fault in the code cannot agree with its own test.
 """
 import math
@@ -90,7 +90,7 @@ def test_random_target_covers_every_allowed_class():
 
 
 def _reference_random_targets(logits, seed):
-    """SPEC section 8, written out: Python's random seeded once with the seed;
+    """docs/format.md, written out: Python's random seeded once with the seed;
     for every examined image in order, misclassified ones too, randint(0, K-1)
     until the class is none of least, top-2 and predicted."""
     rng = random.Random(seed)
@@ -349,7 +349,7 @@ def test_zero_gradient_samples_are_counted_and_the_others_maximised():
 
 def test_sampling_workers_apply_the_transform_to_every_point():
     """The points the model receives with --transform defend_reduce: T(clip(x0 + delta)),
-    on the 8 levels k * 32/255 - 0.5 of 3-bit reduction (SPEC section 8)."""
+    on the 8 levels k * 32/255 - 0.5 of 3-bit reduction (docs/format.md)."""
     import defense
     from common import derived_seed
     from randsphere import BallSampler, SamplerPool

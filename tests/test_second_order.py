@@ -1,4 +1,4 @@
-"""Second-order stage 1 as the original tool (SPEC section 1): power iteration to convergence.
+"""Second-order stage 1 as the original tool (docs/format.md): power iteration to convergence.
 
 On a quadratic g(x) = 0.5 x'Ax + 10 the Hessian is A at every point, so the
 right answer is A's eigenvalues, written in each test.

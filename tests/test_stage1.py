@@ -485,7 +485,7 @@ def test_ctrl_c_stops_cleanly(tmp_path, tanh_model_path):
     ([-3.0, 1.0, 0.5, 0.2] + [0.1] * 12, -3.0),    # dominant eigenvalue is the most negative
     ([5.0, -2.0, 1.0, -0.5] + [0.3] * 12, -2.0),   # needs the shift to reach -2
     # Convex: the shifted run reaches the smallest eigenvalue, +0.5; stored signed, as the
-    # original (SPEC section 1), stage 2 fits its magnitude.
+    # original (docs/format.md), stage 2 fits its magnitude.
     ([2.0, 1.0] + [0.5] * 14, 0.5),
 ])
 def test_curvature_of_a_quadratic_is_its_most_negative_eigenvalue(eigenvalues, expected):
@@ -517,7 +517,7 @@ def test_order2_files_on_a_smooth_model(tmp_path, tanh_model_path, linear_weight
                 "target_label", "info", "args", "path"} <= set(d)
         assert "G2_max" not in d and d["order"].item() == 2
         h = d["H2_max"].ravel()
-        # Signed curvature of largest magnitude (SPEC section 1); stage 2 fits |H2_max|.
+        # Signed curvature of largest magnitude (docs/format.md); stage 2 fits |H2_max|.
         assert h.size == 3 and np.all(np.isfinite(h)) and np.all(h != 0)
         c, j, i = d["true_label"].item(), d["target_label"].item(), d["id"].item()
         x = tf.constant(data.test_data[i:i + 1])
