@@ -586,7 +586,7 @@ class GradientNormEstimator:
                         acc = self._empty(num_targets)
                         for p in range(len(parts)):
                             w0 = time.perf_counter()
-                            batch = tf.constant(next(stream))  # copies out of the shared slot
+                            batch = tf.constant(next(stream))  # the pool hands over its own copy
                             wait += time.perf_counter() - w0
                             acc = step(acc, batch, c_t, t_t,
                                        tf.constant(tf_seed(seed, img_id, i, p)))

@@ -282,15 +282,17 @@ class SamplerPool:
 
     def stream(self, x0: np.ndarray, jobs: Sequence[tuple[tuple[int, ...], int]]
                ) -> Iterator[np.ndarray]:
-        """Yield the points of each job: float32 [n, *input_shape] views.
+        """Yield the points of each job: float32 [n, *input_shape] arrays of their own.
 
         ``x0`` is the UNtransformed input: the perturbations are drawn around
         it and the pool's transformation is applied to the clipped points
         (:func:`bpda_points`).
 
-        ``jobs`` are (seed parts, n) pairs with n <= slot_points. A yielded view
-        is overwritten once the generator resumes: copy it (e.g. into a
-        tensor) before asking for the next batch.
+        ``jobs`` are (seed parts, n) pairs with n <= slot_points. Each batch is
+        copied out of its shared slot before the slot goes back to its worker,
+        so a consumer may keep it as long as it likes: a tensor made from it on
+        a GPU is copied to the device asynchronously, after the generator may
+        have resumed and the worker refilled the slot.
         """
         x0 = np.ascontiguousarray(x0, dtype=np.float32)
         for conn in self._conns:
@@ -312,8 +314,9 @@ class SamplerPool:
         while pending:
             slot, n = pending.popleft()
             self._wait(slot)
-            yield self._slots[slot, :n].reshape((n,) + self.input_shape)
-            submit(slot)
+            points = self._slots[slot, :n].reshape((n,) + self.input_shape).copy()
+            submit(slot)  # the slot is free once copied: the worker refills it meanwhile
+            yield points
 
     def close(self) -> None:
         """Stop the workers and release the memory (idempotent)."""
