@@ -345,6 +345,7 @@ def main(args) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     pool = None
     written = 0
+    capped: dict = {}  # order 2: file -> batches whose power iteration hit the cap
     saved = 0
     start = time.time()
     try:
@@ -388,6 +389,8 @@ def main(args) -> int:
                                                                      args.Niters, res.checks))
                 common.atomic_savemat(path, record)
                 written += 1
+                if args.order == 2:
+                    capped[path] = r.power_capped
                 seq = seq_of[(task.img_id, target.label, target.info)]
                 for line in _summary_lines(r, args.compute_slope, grad_x0):
                     print(line)
@@ -396,6 +399,9 @@ def main(args) -> int:
                                                             time.time() - start, task.true_label,
                                                             target.label, target.info), flush=True)
         bar.close()
+        warning = stage1.power_cap_warning(capped, args.power_iters)
+        if warning:
+            log.warning(warning)
     finally:
         if pool is not None:
             pool.close()

@@ -137,6 +137,7 @@ class TargetResult:
     nan_samples: int = 0
     zero_samples: int = 0
     seconds: float = 0.0
+    power_capped: int = 0          # order 2: iterations whose power iteration hit power_iters
 
 
 # --------------------------------------------------------------------------

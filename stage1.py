@@ -97,6 +97,7 @@ def score_image(estimator, sampler, pool, task: "ImageTask", targets: Sequence["
     zero_s = np.zeros(n_t, np.int64)
     nan_b = np.zeros(n_t, np.int64)
     zero_b = np.zeros(n_t, np.int64)
+    capped = np.zeros(n_t, np.int64)
     checks: list[dict] = []
     done = 0
     t_img = time.time()
@@ -112,6 +113,8 @@ def score_image(estimator, sampler, pool, task: "ImageTask", targets: Sequence["
             zero_s += st.zero
             nan_b += st.nan > 0
             zero_b += st.zero >= nsamps
+            if st.power_steps is not None:
+                capped += np.asarray(st.power_steps) >= estimator.power_iters
             done = st.iteration + 1
             if on_iteration is not None:
                 on_iteration(st)
@@ -133,7 +136,7 @@ def score_image(estimator, sampler, pool, task: "ImageTask", targets: Sequence["
         results.append(TargetResult(
             label, float(task.logits[task.predicted] - task.logits[label]),
             grad[:done, k], slope[:done, k], int(nan_b[k]), int(zero_b[k]), int(nan_s[k]),
-            int(zero_s[k]), seconds))
+            int(zero_s[k]), seconds, int(capped[k])))
     return ImageResult(results, done, checks, grad_x0)
 
 
@@ -186,7 +189,8 @@ def mat_record(args, task: "ImageTask", target: "Target", result: "TargetResult"
     if args.order == 2:
         g = np.asarray(grad_x0_norm, np.float64)
         keys.update(H2_max=result.grad_max[:, 0], g_x0_grad_2_norm=np.float64(g[1]),
-                    g_x0_grad_1_norm=np.float64(g[0]), g_x0_grad_inf_norm=np.float64(g[2]))
+                    g_x0_grad_1_norm=np.float64(g[0]), g_x0_grad_inf_norm=np.float64(g[2]),
+                    power_capped_batches=int(result.power_capped), power_iters=int(args.power_iters))
     else:
         keys.update(G1_max=result.grad_max[:, 0], G2_max=result.grad_max[:, 1],
                     Gi_max=result.grad_max[:, 2], L1_max=result.slope_max[:, 0],
@@ -235,6 +239,21 @@ def plan_image_files(args, tasks: Sequence["ImageTask"], out_dir: str) -> list:
         if pending:
             work.append((task, pending))
     return work
+
+
+def power_cap_warning(capped: dict, power_iters: int) -> str | None:
+    """The run's one warning about order 2's power iteration, or None.
+
+    ``capped``: file path -> number of batches (iterations) in which a power
+    iteration stopped at ``power_iters`` steps without converging.
+    """
+    hit = {p: n for p, n in capped.items() if n}
+    if not hit:
+        return None
+    return (f"{len(hit)} of {len(capped)} files have batches whose power iteration stopped at "
+            f"--power_iters {power_iters} without converging ({sum(hit.values())} batches in all, "
+            f"recorded as power_capped_batches, e.g. {os.path.basename(next(iter(hit)))}); "
+            "their curvature may be underestimated: raise --power_iters")
 
 
 def pair_sequence(tasks: Sequence["ImageTask"]) -> dict:

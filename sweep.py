@@ -51,6 +51,7 @@ from typing import Sequence
 import numpy as np
 
 import common
+import stage1
 from common import ToolError
 from sweep_jobs import MODEL_FLAGS, Job, Task, build_jobs, collect_args
 from sweep_worker import actor_class, pack, stage2_file
@@ -232,6 +233,7 @@ class Sweep:
         self.stage2_errors: list[dict] = []
         self.deaths = 0
         self.written: list[str] = []
+        self.capped: dict = {}       # job -> {file: order-2 batches whose power iteration hit the cap}
         self.bar = None
         self.actor_cls = actor_class(ray)
         self.stage2_fn = ray.remote(num_cpus=1, max_retries=args.max_retries)(stage2_file)
@@ -516,6 +518,8 @@ class Sweep:
         for path, record in out["records"]:
             common.atomic_savemat(path, record)
             paths.append(path)
+            if "power_capped_batches" in record:
+                self.capped.setdefault(t.job, {})[path] = int(record["power_capped_batches"])
         self.written += paths
         t.job.n_written += len(paths)
         write = time.perf_counter() - w0
@@ -724,6 +728,10 @@ def main(args) -> int:
             worker_deaths=sweep.deaths, tasks=sweep.task_log,
             stage2_errors=sweep.stage2_errors, seconds=time.time() - started)
         write_outputs(args.out, rows, records, provenance)
+        for job, capped in sweep.capped.items():
+            warning = stage1.power_cap_warning(capped, job.args.power_iters)
+            if warning:
+                log.warning("%s: %s", job.name, warning)
         if rows:
             print(f"[SWEEP] summary: {os.path.join(args.out, 'summary.csv')}", flush=True)
         print(f"sweep: {written} files written, {skipped} skipped, {failed} failed", flush=True)
