@@ -14,6 +14,7 @@ again. Stage 2 is ``clever.py <save>/<dataset>_<model>``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ import numpy as np
 
 import common
 import converge
+import resume
 from common import DEFAULT_RADIUS, DEFAULT_TARGET_TYPE, SAMPLE_NORMS, ToolError, check_positive
 
 log = logging.getLogger("clever.collect")
@@ -277,6 +279,22 @@ def estimator_options(args, estimator_class) -> dict:
     return {k: v for k, v in wanted.items() if k in accepted}
 
 
+def run_settings(args, model, model_name: str, radius: float, rule) -> dict:
+    """The settings recorded in every file and checked on resume (``resume.run_settings``)."""
+    if hasattr(model, "get_weights"):  # a Keras model; a bare graph is known by its name
+        to_json = getattr(model, "to_json", None)
+        identity = resume.model_digest(model.get_weights(), to_json() if to_json else "")
+    else:
+        identity = model_name
+    return resume.run_settings(
+        dataset=args.dataset, model=identity,
+        sampler=args.sampler, sample_norm=args.sample_norm, radius=radius,
+        uniform_ball=args.uniform_ball, seed=args.seed, transform=args.transform,
+        order=args.order, power_iters=args.power_iters, compute_slope=args.compute_slope,
+        precision=args.precision, jit_compile=args.jit_compile, batch_size=args.batch_size,
+        nsamps=args.Nsamps, converge=rule.to_dict() if rule else None)
+
+
 def _raise_on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
@@ -332,16 +350,22 @@ def main(args) -> int:
                         task.img_id, task.true_label, task.predicted)
 
     out_dir = common.output_dir(args.save, args.dataset, model_name)
+    rule = converge.rule_from_args(args)
+    settings = run_settings(args, model, model_name, sampler.radius, rule)
+    resume_check = resume.ResumeCheck(settings)
+    # Planned before anything is touched: a file made with other settings stops the run
+    # with nothing changed.
+    work = stage1.plan_image_files(args, tasks, out_dir, check=resume_check)
+    if resume_check.notice():
+        log.warning(resume_check.notice())
     os.makedirs(out_dir, exist_ok=True)
     if common.remove_stale_temp_files(out_dir):
         log.warning("removed temporary files of an earlier run that was killed in %s", out_dir)
-    work = stage1.plan_image_files(args, tasks, out_dir)
     seq_of = stage1.pair_sequence(tasks)
     n_done = len(seq_of) - sum(len(p) for _, p in work)
     if n_done:
         log.warning("%d result files already exist in %s and are kept (resume)", n_done, out_dir)
 
-    rule = converge.rule_from_args(args)
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     pool = None
     written = 0
@@ -385,8 +409,9 @@ def main(args) -> int:
                 record = stage1.mat_record(args, task, target, r, path, model_name=model_name,
                                            dim=dim, radius=sampler.radius, versions=versions,
                                            grad_x0_norm=grad_x0,
-                                           extra=converge.provenance(rule, res.niters_used,
-                                                                     args.Niters, res.checks))
+                                           extra={**converge.provenance(
+                                               rule, res.niters_used, args.Niters, res.checks),
+                                               resume.SETTINGS_KEY: json.dumps(settings)})
                 common.atomic_savemat(path, record)
                 written += 1
                 if args.order == 2:

@@ -113,7 +113,7 @@ def score_image(estimator, sampler, pool, task: "ImageTask", targets: Sequence["
             zero_s += st.zero
             nan_b += st.nan > 0
             zero_b += st.zero >= nsamps
-            if st.power_steps is not None:
+            if order == 2 and st.power_steps is not None:
                 capped += np.asarray(st.power_steps) >= estimator.power_iters
             done = st.iteration + 1
             if on_iteration is not None:
@@ -221,11 +221,14 @@ def mat_path(args, out_dir: str, task: "ImageTask", target: "Target") -> str:
     return os.path.join(out_dir, name)
 
 
-def plan_image_files(args, tasks: Sequence["ImageTask"], out_dir: str) -> list:
+def plan_image_files(args, tasks: Sequence["ImageTask"], out_dir: str,
+                     check: Callable[[str], None] | None = None) -> list:
     """The pending work: [(task, [(target, path), ...]), ...] in task order.
 
-    A file already present is skipped unless ``args.overwrite``; images with
-    nothing left to do (and misclassified ones, which have no targets) are left out.
+    A file already present is skipped unless ``args.overwrite``; ``check(path)``
+    is called first for each such file and raises to refuse it (a file made with
+    other settings: ``resume.ResumeCheck``). Images with nothing left to do (and
+    misclassified ones, which have no targets) are left out.
     """
     work = []
     for task in tasks:
@@ -233,6 +236,8 @@ def plan_image_files(args, tasks: Sequence["ImageTask"], out_dir: str) -> list:
         for target in task.targets:
             path = mat_path(args, out_dir, task, target)
             if os.path.exists(path) and not getattr(args, "overwrite", False):
+                if check is not None:
+                    check(path)  # a file made with other settings stops the run (resume.py)
                 log.info("%s exists: skipped (use --overwrite to recompute)", path)
                 continue
             pending.append((target, path))

@@ -51,6 +51,7 @@ from typing import Sequence
 import numpy as np
 
 import common
+import resume
 import stage1
 from common import ToolError
 from sweep_jobs import MODEL_FLAGS, Job, Task, build_jobs, collect_args
@@ -408,7 +409,7 @@ class Sweep:
         elif kind == "plan":
             if out["ok"]:
                 self._log_task("plan", slot.job, out, time.perf_counter() - t_submit)
-                self._plan(slot.job, out["logits"])
+                self._plan(slot.job, out["logits"], out["settings"])
         elif kind == "score":
             self._scored(slot, payload, out, time.perf_counter() - t_submit)
         elif kind == "stage2":
@@ -470,9 +471,8 @@ class Sweep:
         job.queue.clear()
         print(f"{PROG}: error: {message.splitlines()[0]}", file=sys.stderr, flush=True)
 
-    def _plan(self, job: Job, logits: np.ndarray) -> None:
+    def _plan(self, job: Job, logits: np.ndarray, settings: dict) -> None:
         """Targets from the worker's logits; existing files are dropped here, before any task."""
-        import stage1
         import utils
 
         a = job.args
@@ -484,11 +484,16 @@ class Sweep:
             if not task.correct:
                 log.info("%s: image %d is misclassified (label %d, predicted %d): skipped",
                          job.name, task.img_id, task.true_label, task.predicted)
+        # Before any of the job's tasks: a file made with other settings stops the sweep
+        # with one line (resume.py), nothing of the job's changed.
+        check = resume.ResumeCheck(settings)
+        work = stage1.plan_image_files(a, tasks, job.out_dir, check=check)
+        if check.notice():
+            log.warning("%s: %s", job.name, check.notice())
         os.makedirs(job.out_dir, exist_ok=True)
         if common.remove_stale_temp_files(job.out_dir):
             log.warning("removed temporary files of an earlier run that was killed in %s",
                         job.out_dir)
-        work = stage1.plan_image_files(a, tasks, job.out_dir)
         pos = {img_id: k for k, img_id in enumerate(job.ids)}
         for task in tasks:
             for target in task.targets:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import math
 import os
 import platform
@@ -165,8 +166,16 @@ class ModelWorker:
         t0 = time.perf_counter()
         defended = self._defended()
         logits = self.estimator.logits(self.images if defended is None else defended)
-        return {"ok": True, "logits": np.asarray(logits), "seconds": time.perf_counter() - t0,
-                **self._where()}
+        return {"ok": True, "logits": np.asarray(logits), "settings": self._settings(),
+                "seconds": time.perf_counter() - t0, **self._where()}
+
+    def _settings(self) -> dict:
+        """What every file of the job records and the driver checks on resume (resume.py)."""
+        import collect_gradients
+        import converge
+
+        return collect_gradients.run_settings(self.args, self.estimator.model, self.name,
+                                              self.sampler.radius, converge.rule_from_args(self.args))
 
     def score(self, pos: int, task, pending: list) -> dict:
         """Score one image for its pending targets; returns the .mat records (path, keys)."""
@@ -201,7 +210,10 @@ class ModelWorker:
                                     order=a.order, on_iteration=on_iteration,
                                     stop_rule=converge.make_stop_rule(rule) if rule else None,
                                     check_every=rule.check_every if rule else None)
-        extra = converge.provenance(rule, result.niters_used, a.Niters, result.checks)
+        import resume
+
+        extra = {**converge.provenance(rule, result.niters_used, a.Niters, result.checks),
+                 resume.SETTINGS_KEY: json.dumps(self._settings())}
         records = []
         for k, (target, path) in enumerate(pending):
             grad_x0 = None if result.grad_x0_norms is None else result.grad_x0_norms[k]

@@ -21,6 +21,7 @@ import scipy.io
 ray = pytest.importorskip("ray")
 
 import collect_gradients  # noqa: E402
+import resume  # noqa: E402
 import sweep  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -242,3 +243,29 @@ def test_spec_file_lists_jobs(tmp_path, linear_model_path):
     assert [j.args.Nsamps for j in jobs] == [16, 16]
     assert jobs[1].out_dir == os.path.join(str(tmp_path), "b", "digits_linear")
     assert [k.value for k in jobs[1].args.kinds] == ["top2", "least"]
+
+
+def test_a_rerun_with_another_radius_is_refused_before_its_tasks(cluster, tmp_path,
+                                                                 tanh_model_path, capsys):
+    from common import run_cli
+
+    save, out = tmp_path / "sweep", tmp_path / "out"
+    argv = ["--address", cluster.address, "--workers", "1", "--models", tanh_model_path,
+            "-n", "1", "--targets", "top2", "-s", str(save), "--out", str(out), "--no_stage2"]
+    assert run_cli(sweep.main, sweep.parse_args, argv + SMALL, prog="sweep.py") == 0
+    files = _mats(save)
+    assert len(files) == 1
+    before = {f: open(f, "rb").read() for f in files}
+    capsys.readouterr()
+    status = run_cli(sweep.main, sweep.parse_args, argv + SMALL + ["--radius", "0.5"],
+                     prog="sweep.py")
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("sweep.py:")]
+    assert status == 2
+    assert len(err) == 1 and err[0].startswith(f"sweep.py: error: {files[0]}: made with radius = ")
+    assert {f: open(f, "rb").read() for f in _mats(save)} == before
+    # the same settings skip; --overwrite recomputes
+    assert run_cli(sweep.main, sweep.parse_args, argv + SMALL, prog="sweep.py") == 0
+    assert {f: open(f, "rb").read() for f in _mats(save)} == before
+    assert run_cli(sweep.main, sweep.parse_args, argv + SMALL + ["--radius", "0.5", "--overwrite"],
+                   prog="sweep.py") == 0
+    assert resume.recorded_settings(files[0])["radius"] == 0.5
