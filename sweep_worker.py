@@ -67,6 +67,7 @@ class ModelWorker:
         self.folder = ""
         self.error = ""
         self.estimator = None
+        self._job_settings = None  # resume.py settings of the current job, once computed
         self.pool = None
 
     def pid(self) -> int:
@@ -83,7 +84,7 @@ class ModelWorker:
         self._release()
         self.args, self.name, self.source, self.blob, self.images, self.ids = (
             job_args, name, source, blob, images, list(ids))
-        self.error, self.estimator = "", None
+        self.error, self.estimator, self._job_settings = "", None, None
         if hasattr(self, "_defended_images"):
             del self._defended_images
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -170,12 +171,16 @@ class ModelWorker:
                 "seconds": time.perf_counter() - t0, **self._where()}
 
     def _settings(self) -> dict:
-        """What every file of the job records and the driver checks on resume (resume.py)."""
-        import collect_gradients
-        import converge
+        """What every file of the job records and the driver checks on resume (resume.py);
+        computed once per job (the model digest hashes every weight)."""
+        if self._job_settings is None:
+            import collect_gradients
+            import converge
 
-        return collect_gradients.run_settings(self.args, self.estimator.model, self.name,
-                                              self.sampler.radius, converge.rule_from_args(self.args))
+            self._job_settings = collect_gradients.run_settings(
+                self.args, self.estimator.model, self.name, self.sampler.radius,
+                converge.rule_from_args(self.args))
+        return self._job_settings
 
     def score(self, pos: int, task, pending: list) -> dict:
         """Score one image for its pending targets; returns the .mat records (path, keys)."""
