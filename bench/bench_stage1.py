@@ -17,14 +17,17 @@ host):
       the one-target time (sharing samples and the forward pass; <= 0.6).
   (c) peak resident memory of this process (and of a sampling worker, with
       --sampler shm/both).
-  (d) ART's clever_t on the CNN (20 maxima of 256 points, pool_factor 20),
-      warmed like ours, its Weibull fit and its predictions timed separately
-      and left out, divided by this toolkit's stage-1 time for the same 20 x
-      256 gradients (target >= 5).
+  (d) ART's clever_t on the CNN, warmed like ours, its Weibull fit and its
+      predictions timed separately and left out, divided by this toolkit's
+      stage-1 time for the same gradients, at two sizes (--art): "small", 20
+      batches of 256 points with pool_factor 20 (target >= 5), and "paper",
+      the paper's 100 batches of 1024 points with ART's default pool_factor
+      10. bench/bench_art.py compares the two as whole processes.
   (e) with --compare_jit: stage 1 (one target) with the default kernels
       against stage 1 with --jit_compile (XLA), interleaved in the same run.
 
-    python bench/bench_stage1.py [--rounds 5 --sampler tf|shm|both --skip_art --compare_jit]
+    python bench/bench_stage1.py [--rounds 5 --sampler tf|shm|both --skip_art --compare_jit
+                                  --art small paper --art_rounds 3]
 """
 from __future__ import annotations
 
@@ -42,6 +45,8 @@ import numpy as np  # noqa: E402
 from stage1_reference import reference_loop  # noqa: E402  (bench/, next to this file)
 
 MODELS = ("linear", "2-layer", "normal")
+#: ART comparison sizes: (batches, points per batch, ART's pool_factor).
+ART_SIZES = {"small": (20, 256, 20), "paper": (100, 1024, 10)}
 LABELS = {"linear": "linear 784 -> 10", "2-layer": "2-layer MLP, 1024 softplus",
           "normal": "7-layer CNN"}
 
@@ -64,6 +69,12 @@ def parse_args(argv):
                         "points: same amount of work, not the same points)")
     p.add_argument("--precision", default="float32")
     p.add_argument("--skip_art", action="store_true")
+    p.add_argument("--art", nargs="+", choices=tuple(ART_SIZES), default=list(ART_SIZES),
+                   help="sizes of the ART comparison (d): " + "; ".join(
+                       f"{k}: {nb} batches of {bs}, pool_factor {pf}"
+                       for k, (nb, bs, pf) in ART_SIZES.items()))
+    p.add_argument("--art_rounds", type=int, default=3,
+                   help="interleaved rounds of the ART comparison (minimum kept)")
     p.add_argument("--seed", type=int, default=1215)
     return p.parse_args(argv)
 
@@ -105,7 +116,7 @@ def _peak_rss_mib(pid="self"):
     return float("nan")
 
 
-def _art(model, x0, c, j, nb_batches, batch_size, radius, seed):
+def _art(model, x0, c, j, batch_size, pool_factor, radius, seed):
     """ART's clever_t, warmed; returns (total s, fit s, predict s) or None without ART."""
     try:
         import art.metrics.metrics as art_metrics
@@ -148,20 +159,49 @@ def _art(model, x0, c, j, nb_batches, batch_size, radius, seed):
     clf = IntLabelClassifier(model=model, nb_classes=10, input_shape=(28, 28, 1),
                              loss_object=tf.keras.losses.CategoricalCrossentropy(from_logits=True),
                              clip_values=(-0.5, 0.5))
-    original = art_metrics.weibull_min
-    art_metrics.weibull_min = TimedWeibull(original)
-    try:
-        def run(nb):
-            spent["fit"] = spent["predict"] = 0.0
-            np.random.seed(seed)
-            t0 = time.perf_counter()
+
+    def run(nb):
+        spent["fit"] = spent["predict"] = 0.0
+        original = art_metrics.weibull_min
+        art_metrics.weibull_min = TimedWeibull(original)
+        np.random.seed(seed)
+        t0 = time.perf_counter()
+        try:
             art_metrics.clever_t(clf, x0, j, nb_batches=nb, batch_size=batch_size,
-                                 radius=radius, norm=2, pool_factor=20)
+                                 radius=radius, norm=2, pool_factor=pool_factor)
             return time.perf_counter() - t0, spent["fit"], spent["predict"]
-        run(2)  # warm: the first gradient and predict calls build kernels
-        return run
-    finally:
-        pass
+        finally:
+            art_metrics.weibull_min = original
+    run(2)  # warm: the first gradient and predict calls build kernels
+    return run
+
+
+def _compare_art(args, size, model, x0, c, j, sampler) -> bool:
+    """(d) at one of ART_SIZES; False when ART is not installed."""
+    from estimate_gradient_norm import GradientNormEstimator
+
+    nb, bs, pool_factor = ART_SIZES[size]
+    art_run = _art(model, x0, c, j, bs, pool_factor, 3.0, args.seed)
+    if art_run is None:
+        return False
+    small = GradientNormEstimator(model, (28, 28, 1), bs, jit_compile=args.jit_compile,
+                                  precision=args.precision)
+    ours_fn = _stage1(small, x0, c, [j], bs, nb, sampler, None, args.seed)
+    ours_fn()  # warm
+    ours = art_total = art_work = float("inf")
+    fit = pred = 0.0
+    for _ in range(args.art_rounds):
+        total, f, p = art_run(nb)
+        if total - f - p < art_work:
+            art_total, art_work, fit, pred = total, total - f - p, f, p
+        ours = min(ours, _wall(ours_fn))
+    print(f"\n(d) {size}: ART clever_t ({nb} batches of {bs}, pool_factor {pool_factor}, "
+          f"warmed; its class_gradient label converted to a Python int in a wrapper): "
+          f"{art_total:.2f} s, of which Weibull fit {fit:.3f} s and predictions {pred:.3f} s "
+          f"(left out) -> {art_work:.2f} s; this toolkit, the same {nb} x {bs} gradients "
+          f"(sampler tf): {ours:.3f} s; ratio ART / ours = {art_work / ours:.2f}"
+          + ("  (target >= 5)" if size == "small" else ""))
+    return True
 
 
 def main(args):
@@ -261,28 +301,11 @@ def main(args):
 
     if not args.skip_art and cnn is not None:
         model, c, j, _, _ = cnn
-        nb, bs = 20, 256
-        art_run = _art(model, x0, c, j, nb, bs, 3.0, args.seed)
-        if art_run is None:
-            print("\n(d) skipped: the Adversarial Robustness Toolbox is not installed "
-                  "(pip install adversarial-robustness-toolbox)")
-            return 0
-        small = GradientNormEstimator(model, (28, 28, 1), bs, jit_compile=args.jit_compile,
-                                      precision=args.precision)
-        ours_fn = _stage1(small, x0, c, [j], bs, nb, sampler, None, args.seed)
-        ours_fn()  # warm
-        ours = art_total = art_work = float("inf")
-        fit = pred = 0.0
-        for _ in range(args.rounds):
-            total, f, p = art_run(nb)
-            if total - f - p < art_work:
-                art_total, art_work, fit, pred = total, total - f - p, f, p
-            ours = min(ours, _wall(ours_fn))
-        print(f"\n(d) ART clever_t ({nb} batches of {bs}, pool_factor 20, warmed; its "
-              f"class_gradient label converted to a Python int in a wrapper): {art_total:.2f} s, "
-              f"of which Weibull fit {fit:.3f} s and predictions {pred:.3f} s (left out) -> "
-              f"{art_work:.2f} s; this toolkit, the same {nb} x {bs} gradients (sampler tf): "
-              f"{ours:.3f} s; ratio ART / ours = {art_work / ours:.1f}  (target >= 5)")
+        for size in args.art:
+            if not _compare_art(args, size, model, x0, c, j, sampler):
+                print("\n(d) skipped: the Adversarial Robustness Toolbox is not installed "
+                      "(pip install adversarial-robustness-toolbox)")
+                break
     return 0
 
 
