@@ -525,8 +525,9 @@ def write_summary(result: RunResult, path: str, args: Mapping | None = None) -> 
 
     JSON: ``provenance`` (:func:`common.provenance`), ``options``, ``records``
     (one per file: ids, labels, info, order, nsamps, niters, g_x0, sampling
-    ball, data range ([lo, hi], null: unbounded; "LO HI" or none in the CSV), per bound norm the fit and the bound capped and uncapped, and the
-    file's own provenance keys), ``aggregates`` (the numbers of the
+    ball, data range ([lo, hi], null: unbounded; "LO HI" or none in the CSV),
+    per bound norm the fit and the bound capped and uncapped, and the file's
+    own provenance keys), ``aggregates`` (the numbers of the
     ``[STATS]`` lines) and ``errors``. Non-finite numbers are written as null.
     Returns the CSV path.
     """

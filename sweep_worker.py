@@ -319,7 +319,8 @@ def stage2_file(name: str, data: bytes, method: str, shape_reg: float) -> dict:
         return {"path": name, "id": f.img_id, "true_label": f.true_label,
                 "target_label": f.target_label, "info": f.info, "order": f.order,
                 "g_x0": f.g_x0, "radius": f.radius,
-                "data_range": None if f.data_range is None else list(f.data_range), "norms": norms, "seconds": time.perf_counter() - t0, **where}
+                "data_range": None if f.data_range is None else list(f.data_range),
+                "norms": norms, "seconds": time.perf_counter() - t0, **where}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
