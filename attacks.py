@@ -234,7 +234,8 @@ class _Prepared:
         if x.size and (x.min() < clip_min - _RANGE_TOL or x.max() > clip_max + _RANGE_TOL):
             raise AttackInputError(
                 f"images span [{x.min():.4g}, {x.max():.4g}], outside the data range "
-                f"[{clip_min}, {clip_max}]; rescale them (the toolkit uses [-0.5, 0.5])")
+                f"[{clip_min}, {clip_max}]; rescale them or pass their range as clip_min, clip_max "
+                "(the default is [-0.5, 0.5], as collect_gradients.py --data_range)")
         self.x = np.clip(x, clip_min, clip_max)
         self.logits = _predict(predict, self.x, batch_size)
         n = len(self.x)

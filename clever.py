@@ -504,6 +504,7 @@ def file_records(result: RunResult) -> list[dict]:
             "g_x0": f.g_x0,
             "g_x0_grad_2_norm": None if f.order == 1 else f.grad_norm,
             "radius": f.radius, "sample_norm": f.sample_norm.label.lower(), "dim": f.dim,
+            "data_range": None if f.data_range is None else list(f.data_range),
             "norms": {n.label: _norm_record(fs.scores[n]) for n in BOUND_NORMS
                       if n in fs.scores},
             "file_provenance": dict(f.provenance),
@@ -524,8 +525,9 @@ def write_summary(result: RunResult, path: str, args: Mapping | None = None) -> 
 
     JSON: ``provenance`` (:func:`common.provenance`), ``options``, ``records``
     (one per file: ids, labels, info, order, nsamps, niters, g_x0, sampling
-    ball, per bound norm the fit and the bound capped and uncapped, and the
-    file's own provenance keys), ``aggregates`` (the numbers of the
+    ball, data range ([lo, hi], null: unbounded; "LO HI" or none in the CSV),
+    per bound norm the fit and the bound capped and uncapped, and the file's
+    own provenance keys), ``aggregates`` (the numbers of the
     ``[STATS]`` lines) and ``errors``. Non-finite numbers are written as null.
     Returns the CSV path.
     """
@@ -546,13 +548,17 @@ def write_summary(result: RunResult, path: str, args: Mapping | None = None) -> 
     csv_path = stem + ".csv"
     file_fields = ["path", "id", "true_label", "target_label", "info", "order", "nsamps",
                    "niters", "niters_used", "g_x0", "g_x0_grad_2_norm", "radius",
-                   "sample_norm", "dim"]
+                   "sample_norm", "dim", "data_range"]
     header = file_fields + [f"{n.label}_{k}" for n in BOUND_NORMS for k in _NORM_FIELDS]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     for rec in file_records(result):
         row = [rec[k] for k in file_fields]
+        # The range as --data_range takes it: "LO HI", or none.
+        lohi = rec["data_range"]
+        row[file_fields.index("data_range")] = "none" if lohi is None else " ".join(
+            np.format_float_positional(v, trim="-") for v in lohi)
         for n in BOUND_NORMS:
             norm_rec = rec["norms"].get(n.label, {})
             row += [norm_rec.get(k, "") for k in _NORM_FIELDS]

@@ -86,7 +86,13 @@ def parse_args(argv):
                    help="norm of the sampling ball")
     g.add_argument("--radius", type=float, default=None,
                    help="sampling radius R (default: the original's "
-                        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_RADIUS.items()) + ")")
+                        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_RADIUS.items())
+                        + ", times the width of --data_range)")
+    g.add_argument("--data_range", nargs="+", metavar="LO HI",
+                   default=[f"{v:g}" for v in common.DEFAULT_DATA_RANGE],
+                   help="the model's input range: the images are scaled into it and every "
+                        "sampled point is clipped to it; none: unbounded inputs, no clipping "
+                        "(needs --radius)")
     g.add_argument("--uniform_ball", action="store_true",
                    help="sample uniformly in the ball of radius R (the paper) instead of the "
                         "original tool's direction-times-uniform-scale scheme")
@@ -138,6 +144,13 @@ def _validate(args) -> None:
     check_positive("--nthreads", args.nthreads, allow_zero=True)
     if args.radius is not None:
         check_positive("--radius", args.radius)
+    args.data_range = common.parse_data_range(args.data_range)
+    if args.data_range is None:
+        if args.radius is None:
+            common.default_radius(args.sample_norm, None)  # the one-line error asking for it
+        if args.transform:
+            raise ToolError("--transform: the transformations work on images of a bounded "
+                            "range; not with --data_range none")
     if args.compute_slope and args.Nsamps < 2:
         raise ToolError("--compute_slope needs --Nsamps of at least 2 (pairs of samples)")
     check_positive("--power_iters", args.power_iters)
@@ -164,7 +177,10 @@ def _validate(args) -> None:
 
 # --------------------------------------------------------------------------
 def _load(args):
-    """Load the dataset and the model. Returns (model, test_data, test_labels, name, offset)."""
+    """Load the dataset and the model. Returns (model, test_data, test_labels, name, offset).
+
+    ``test_data`` is scaled into ``--data_range``.
+    """
     import models
 
     if args.dataset == "imagenet":
@@ -173,13 +189,14 @@ def _load(args):
         model, data, label_offset = setup_imagenet.load_for_stage1(args)
         name = (os.path.splitext(os.path.basename(os.path.normpath(args.model_path)))[0]
                 if args.model_path else args.model_name)
-        return model, data.test_data, data.test_labels, name, label_offset
+        return (model, common.scale_to_range(data.test_data, args.data_range), data.test_labels,
+                name, label_offset)
     data = models.load_dataset(args.dataset, args.data_dir)
     model = models.load_model(args.dataset, args.model_name, args.activation,
                               model_path=args.model_path, models_dir=args.models_dir)
     name = (os.path.splitext(os.path.basename(os.path.normpath(args.model_path)))[0]
             if args.model_path else args.model_name)
-    return model, data.test_data, data.test_labels, name, 0
+    return model, common.scale_to_range(data.test_data, args.data_range), data.test_labels, name, 0
 
 
 def image_ids(args, num_test: int):
@@ -267,7 +284,7 @@ def _summary_lines(result, compute_slope: bool, grad_x0_norm=None) -> list[str]:
 
 def estimator_options(args, estimator_class) -> dict:
     """Keyword arguments of GradientNormEstimator, those its constructor takes."""
-    wanted = {"compute_slope": args.compute_slope, "order": args.order,
+    wanted = {"clip": args.data_range, "compute_slope": args.compute_slope, "order": args.order,
               "power_iters": args.power_iters, "precision": args.precision,
               "jit_compile": args.jit_compile}
     import inspect
@@ -287,7 +304,7 @@ def run_settings(args, model, model_name: str, radius: float, rule) -> dict:
     else:
         identity = model_name
     return resume.run_settings(
-        dataset=args.dataset, model=identity,
+        dataset=args.dataset, model=identity, data_range=args.data_range,
         sampler=args.sampler, sample_norm=args.sample_norm, radius=radius,
         uniform_ball=args.uniform_ball, seed=args.seed, transform=args.transform,
         order=args.order, power_iters=args.power_iters, compute_slope=args.compute_slope,
@@ -312,7 +329,8 @@ def main(args) -> int:
     import utils
     from randsphere import BallSampler, SamplerPool
 
-    sampler = BallSampler.create(args.sample_norm, args.radius, args.uniform_ball)
+    sampler = BallSampler.create(args.sample_norm, args.radius, args.uniform_ball,
+                                 args.data_range)
     common.set_seed(args.seed)  # before building: --weights random is reproducible
     model, test_data, test_labels, model_name, label_offset = _load(args)
     from estimate_gradient_norm import GradientNormEstimator
@@ -337,7 +355,7 @@ def main(args) -> int:
     if transform:
         # The defended classifier f(T(x0)) gives g(x0) and the targets; the samples are
         # drawn around the untransformed x0 (BPDA as the original).
-        defended = stage1.defended_points(transform, clean, ids, args.seed)
+        defended = stage1.defended_points(transform, clean, ids, args.seed, args.data_range)
     logits = estimator.logits(clean if defended is None else defended)
     # A 1001-output model's class 0 is "background": never a target (as the original).
     tasks = utils.generate_data(test_data, test_labels, logits, ids, args.kinds, args.seed,
@@ -374,7 +392,8 @@ def main(args) -> int:
     start = time.time()
     try:
         if args.sampler == "shm" and work:
-            pool = SamplerPool(sampler, input_shape, args.batch_size, args.nthreads, transform)
+            pool = SamplerPool(sampler, input_shape, args.batch_size, args.nthreads, transform,
+                               clip=args.data_range)
         bar = tqdm(total=len(work) * args.Niters, unit="it", disable=args.no_progress,
                    file=sys.stderr, dynamic_ncols=True)
         for task, pending in work:

@@ -109,6 +109,69 @@ def radius_cap(radius: float, sample_norm: Norm, bound_norm: Norm, dim: int) -> 
 
 
 # --------------------------------------------------------------------------
+# Data range (--data_range)
+# --------------------------------------------------------------------------
+#: The model's input range unless --data_range says otherwise: the original tool's.
+DEFAULT_DATA_RANGE: tuple[float, float] = (DATA_MIN, DATA_MAX)
+
+
+def parse_data_range(value) -> tuple[float, float] | None:
+    """``--data_range``'s value as (lo, hi), or None for ``none`` (unbounded inputs).
+
+    ``value``: the flag's tokens (``["0", "255"]``, ``["0,255"]`` as a sweep
+    spec's list arrives, ``["none"]``), or already (lo, hi) / None. Raises
+    :class:`ToolError` naming the flag unless lo < hi, both finite.
+    """
+    if value is None:
+        return None
+    tokens = [value] if isinstance(value, str) else list(value)
+    if len(tokens) == 1 and isinstance(tokens[0], str):
+        if tokens[0].strip().lower() == "none":
+            return None
+        tokens = tokens[0].split(",")
+    shown = " ".join(str(t).strip() for t in tokens)
+    try:
+        lo, hi = (float(t) for t in tokens)
+    except (TypeError, ValueError):
+        raise ToolError(f"--data_range: expected LO HI (two numbers) or none, got {shown!r}") \
+            from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+        raise ToolError(f"--data_range: LO must be below HI, both finite, got {shown!r}")
+    return lo, hi
+
+
+def default_radius(sample_norm: str, data_range: tuple[float, float] | None) -> float:
+    """The original's default radius of ``sample_norm`` times the width hi - lo of the range.
+
+    The original's radii are for inputs in a range of width 1; an unbounded
+    range has no default (ToolError: --radius is needed).
+    """
+    if data_range is None:
+        raise ToolError("--data_range none: the inputs are unbounded, so there is no default "
+                        "sampling radius; give --radius")
+    return DEFAULT_RADIUS.get(sample_norm, 1.0) * (data_range[1] - data_range[0])
+
+
+def scale_to_range(images: np.ndarray, data_range: tuple[float, float] | None) -> np.ndarray:
+    """Images in the toolkit's [-0.5, 0.5] mapped affinely onto ``data_range``: float32.
+
+    Unchanged (the same array) for the default range and for None (unbounded
+    inputs have no range to map onto: the images stay as the toolkit loads them).
+    """
+    if data_range is None or tuple(data_range) == DEFAULT_DATA_RANGE:
+        return images
+    lo, hi = data_range
+    scale = np.float32((hi - lo) / (DATA_MAX - DATA_MIN))
+    out = (np.asarray(images, np.float32) - np.float32(DATA_MIN)) * scale + np.float32(lo)
+    return np.clip(out, np.float32(lo), np.float32(hi))  # no rounding past the range
+
+
+def data_range_value(data_range: tuple[float, float] | None) -> np.ndarray:
+    """float64 [2] (lo, hi) as a .mat file records it; (-inf, inf) for unbounded inputs."""
+    return np.array((-np.inf, np.inf) if data_range is None else data_range, np.float64)
+
+
+# --------------------------------------------------------------------------
 # Target classes
 # --------------------------------------------------------------------------
 class TargetKind(enum.Enum):

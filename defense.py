@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from common import DATA_MAX, DATA_MIN, ToolError
+from common import DEFAULT_DATA_RANGE, ToolError
 
 #: Bits kept by bit-depth reduction, JPEG quality: the settings of the paper.
 REDUCE_BITS = 3
@@ -281,15 +281,21 @@ def get_transform(name: str) -> Callable[..., np.ndarray]:
 
 
 def apply_transform(name: str, points: np.ndarray,
-                    rng: np.random.Generator | int | None = None) -> np.ndarray:
-    """Apply ``name`` to points in the data range [-0.5, 0.5]: float32 [N, H, W, C] -> same.
+                    rng: np.random.Generator | int | None = None,
+                    data_range: tuple[float, float] | None = DEFAULT_DATA_RANGE) -> np.ndarray:
+    """Apply ``name`` to points in ``data_range`` (lo, hi): float32 [N, H, W, C] -> same.
 
-    Defenses are defined on [0, 1] images: the points are shifted to [0, 1],
-    transformed, shifted back and clipped to the data range. ``rng`` (a
-    Generator or a seed) feeds the random transformations (defend_tv) and is
-    ignored by the others.
+    Defenses are defined on [0, 1] images: the points are mapped affinely to
+    [0, 1] ((x - lo) / (hi - lo)), transformed, mapped back and clipped to the
+    data range. For the default [-0.5, 0.5] the maps are exact shifts. ``rng``
+    (a Generator or a seed) feeds the random transformations (defend_tv) and
+    is ignored by the others. ``data_range`` None (unbounded) is refused.
     """
     fn = get_transform(name)
-    shifted = np.asarray(points, np.float32) - np.float32(DATA_MIN)
-    out = fn(shifted, rng=rng) if name in RANDOM_TRANSFORMS else fn(shifted)
-    return (out + np.float32(DATA_MIN)).astype(np.float32).clip(DATA_MIN, DATA_MAX)
+    if data_range is None:
+        raise ToolError(f"--transform {name}: needs a bounded --data_range, not none")
+    lo, hi = np.float32(data_range[0]), np.float32(data_range[1])
+    width = hi - lo
+    unit = (np.asarray(points, np.float32) - lo) / width
+    out = fn(unit, rng=rng) if name in RANDOM_TRANSFORMS else fn(unit)
+    return (np.asarray(out, np.float32) * width + lo).astype(np.float32).clip(lo, hi)

@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from common import DATA_MAX, DATA_MIN, ToolError, derived_seed
+from common import DEFAULT_DATA_RANGE, ToolError, derived_seed
 from randsphere import BallSampler, SamplerPool
 
 log = logging.getLogger("clever.estimate")
@@ -190,7 +190,8 @@ class GradientNormEstimator:
             logits [B, K].
         input_shape: one input's shape, without the batch axis.
         batch_size: points per model call.
-        clip: the data range every sample is clipped to.
+        clip: the data range (lo, hi) every sample is clipped to (``--data_range``),
+            or None for unbounded inputs (no clipping).
         compute_slope: also compute SLOPE maxima |g(x1)-g(x2)| / ||x1-x2||
             over the pairs (x_i, x_{i+B/2}) of each batch. L1_max uses the
             L-inf distance, L2_max the L2 and Li_max the L1 distance, so that
@@ -206,7 +207,8 @@ class GradientNormEstimator:
     """
 
     def __init__(self, model, input_shape: Sequence[int], batch_size: int,
-                 clip: tuple[float, float] = (DATA_MIN, DATA_MAX), compute_slope: bool = False,
+                 clip: tuple[float, float] | None = DEFAULT_DATA_RANGE,
+                 compute_slope: bool = False,
                  jit_compile: bool = False, order: int = 1, power_iters: int = 500,
                  precision: str = "float32"):
         if int(order) not in (1, 2):
@@ -222,7 +224,7 @@ class GradientNormEstimator:
         self.input_shape = tuple(int(s) for s in input_shape)
         self.dim = int(np.prod(self.input_shape))
         self.batch_size = int(batch_size)
-        self.clip = (float(clip[0]), float(clip[1]))
+        self.clip = None if clip is None else (float(clip[0]), float(clip[1]))
         self.compute_slope = bool(compute_slope)
         self.order = int(order)
         self.power_iters = int(power_iters)
@@ -313,7 +315,9 @@ class GradientNormEstimator:
 
     def _sampled_part(self, x0, c, targets, seed, sampler: BallSampler, n: int):
         delta = tf_draw(sampler, seed, n, self.dim)
-        x = tf.clip_by_value(tf.reshape(x0, [1, -1]) + delta, *self.clip)
+        x = tf.reshape(x0, [1, -1]) + delta
+        if self.clip is not None:
+            x = tf.clip_by_value(x, *self.clip)
         x = tf.reshape(x, (n,) + self.input_shape)
         return self._part(x, c, targets, seed)
 

@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from common import DATA_MAX, DATA_MIN, DEFAULT_RADIUS, SAMPLE_NORMS, ToolError, derived_seed
+from common import DEFAULT_DATA_RANGE, SAMPLE_NORMS, ToolError, default_radius, derived_seed
 
 log = logging.getLogger("clever.randsphere")
 
@@ -58,14 +58,14 @@ class BallSampler:
 
     Attributes:
         norm: ``"l2"``, ``"li"`` or ``"l1"`` (the original's ``--sample_norm``).
-        radius: the ball's radius R, in input units (data range [-0.5, 0.5]).
+        radius: the ball's radius R, in the model's input units.
         uniform_ball: False for the original tool's scheme (a direction times
             a scale uniform in [0, R], which concentrates samples near the
             centre); True for the uniform distribution on the ball.
     """
 
     norm: str = "l2"
-    radius: float = DEFAULT_RADIUS["l2"]
+    radius: float = default_radius("l2", DEFAULT_DATA_RANGE)
     uniform_ball: bool = False
 
     def __post_init__(self):
@@ -76,9 +76,11 @@ class BallSampler:
             raise ToolError(f"--radius must be positive, got {self.radius}")
 
     @classmethod
-    def create(cls, norm: str, radius: float | None = None, uniform_ball: bool = False):
-        """A sampler with the original default radius of ``norm`` unless given."""
-        return cls(norm, DEFAULT_RADIUS.get(norm, 1.0) if radius is None else float(radius),
+    def create(cls, norm: str, radius: float | None = None, uniform_ball: bool = False,
+               data_range: tuple[float, float] | None = DEFAULT_DATA_RANGE):
+        """A sampler of radius ``radius``; unless given, the original default radius of
+        ``norm`` times the width of ``data_range`` (ToolError for None: no default)."""
+        return cls(norm, default_radius(norm, data_range) if radius is None else float(radius),
                    bool(uniform_ball))
 
     def draw(self, rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -106,12 +108,14 @@ class BallSampler:
         return out.astype(np.float32)
 
     def points(self, rng: np.random.Generator, x0: np.ndarray, n: int,
-               clip: tuple[float, float] = (DATA_MIN, DATA_MAX)) -> np.ndarray:
-        """``n`` points x0 + delta clipped to the data range: float32 [n, *x0.shape]."""
+               clip: tuple[float, float] | None = DEFAULT_DATA_RANGE) -> np.ndarray:
+        """``n`` points x0 + delta clipped to the data range ``clip`` (None: not clipped):
+        float32 [n, *x0.shape]."""
         flat = np.asarray(x0, np.float32).reshape(1, -1)
         pts = self.draw(rng, n, flat.shape[1])
         pts += flat
-        np.clip(pts, clip[0], clip[1], out=pts)
+        if clip is not None:
+            np.clip(pts, clip[0], clip[1], out=pts)
         return pts.reshape((n,) + tuple(np.shape(x0)))
 
 
@@ -148,27 +152,29 @@ def transform_rng(seed_parts: Sequence[int]) -> np.random.Generator:
 
 
 def bpda_points(sampler: BallSampler, x0: np.ndarray, seed_parts: Sequence[int], n: int,
-                transform: str | None, clip: tuple[float, float] = (DATA_MIN, DATA_MAX)
-                ) -> np.ndarray:
+                transform: str | None,
+                clip: tuple[float, float] | None = DEFAULT_DATA_RANGE) -> np.ndarray:
     """The points the model sees for one job: float32 [n, *x0.shape].
 
     T(clip(x0 + delta)) clipped again, where delta are the sampler's
     perturbations drawn with derived_seed(*seed_parts) around the
     UNtransformed x0 (BPDA, docs/format.md); clip(x0 + delta) without a
-    transformation. What a pool worker writes for the job.
+    transformation. ``clip``: the data range (lo, hi), which T maps to its
+    [0, 1] and back; None (unbounded inputs): no clipping, and no T. What a
+    pool worker writes for the job.
     """
     pts = sampler.points(np.random.default_rng(derived_seed(*seed_parts)), x0, n, clip)
     if not transform:
         return pts
     import defense  # lazily: only --transform runs need Pillow
 
-    out = defense.apply_transform(transform, pts, rng=transform_rng(seed_parts))
+    out = defense.apply_transform(transform, pts, rng=transform_rng(seed_parts), data_range=clip)
     return np.clip(out, clip[0], clip[1], out=out)
 
 
 def _worker_main(fd_arg, nbytes: int, nslots: int, slot_points: int, input_shape: tuple,
                  conn, sampler: BallSampler, transform: str | None,
-                 clip: tuple[float, float]) -> None:
+                 clip: tuple[float, float] | None) -> None:
     """A sampling worker: waits for jobs, writes points into its slots."""
     # Ctrl-C goes to the whole process group; the parent decides and tells us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -215,11 +221,14 @@ class SamplerPool:
             (BPDA: the model is evaluated at T(clip(x0 + delta)), clipped again),
             or None. Random transformations (defend_tv) draw from
             :func:`transform_rng` of the job's seed parts.
+        clip: the data range (lo, hi) every point is clipped to, or None
+            (unbounded inputs: no clipping).
     """
 
     def __init__(self, sampler: BallSampler, input_shape: Sequence[int], slot_points: int,
                  nworkers: int = 1, transform: str | None = None,
-                 clip: tuple[float, float] = (DATA_MIN, DATA_MAX), slots_per_worker: int = 2):
+                 clip: tuple[float, float] | None = DEFAULT_DATA_RANGE,
+                 slots_per_worker: int = 2):
         import posix_ipc
 
         self.input_shape = tuple(int(s) for s in input_shape)

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from common import ToolError
+from common import DEFAULT_DATA_RANGE, ToolError
 
 #: the .mat key holding a file's settings
 SETTINGS_KEY = "settings"
@@ -37,7 +37,8 @@ def model_digest(weights: Sequence[np.ndarray], architecture: str = "") -> str:
     return h.hexdigest()
 
 
-def run_settings(*, dataset: str, model: str, sampler: str, sample_norm: str, radius: float,
+def run_settings(*, dataset: str, model: str, data_range: tuple[float, float] | None,
+                 sampler: str, sample_norm: str, radius: float,
                  uniform_ball: bool, seed: int, transform: str | None, order: int,
                  power_iters: int, compute_slope: bool, precision: str, jit_compile: bool,
                  batch_size: int, nsamps: int, converge: Mapping | None) -> dict:
@@ -46,10 +47,13 @@ def run_settings(*, dataset: str, model: str, sampler: str, sample_norm: str, ra
     N_s, N_b, the image, the target, the activation and the order are in the file's
     name already. ``model``: :func:`model_digest`. The batch size matters through
     min(batch_size, N_s): each model batch of an iteration draws its points from its
-    own seed. ``radius``: the sampling radius actually used.
+    own seed. ``radius``: the sampling radius actually used. ``data_range``: (lo, hi)
+    or None (unbounded inputs), recorded as [lo, hi] or null.
     """
     return {
-        "dataset": str(dataset), "model": str(model), "sampler": str(sampler),
+        "dataset": str(dataset), "model": str(model),
+        "data_range": None if data_range is None else [float(v) for v in data_range],
+        "sampler": str(sampler),
         "sample_norm": str(sample_norm), "radius": float(radius),
         "uniform_ball": bool(uniform_ball), "seed": int(seed), "transform": transform or "",
         "order": int(order), "power_iters": int(power_iters) if order == 2 else None,
@@ -74,10 +78,15 @@ def recorded_settings(path: str) -> dict | None:
     return json.loads(str(text[0]) if text.size else "{}")
 
 
+#: Settings recorded only since a later version, with the value every file that lacks
+#: them was made with (so that those files are still kept by a rerun with that value).
+ADDED_SETTINGS = {"data_range": list(DEFAULT_DATA_RANGE)}
+
+
 def first_difference(recorded: Mapping, expected: Mapping) -> tuple[str, object, object] | None:
     """(setting, recorded value, expected value) of the first setting that differs, or None."""
     for key, want in expected.items():
-        have = recorded.get(key, "<not recorded>")
+        have = recorded.get(key, ADDED_SETTINGS.get(key, "<not recorded>"))
         if have != want:
             return key, have, want
     return None

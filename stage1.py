@@ -140,14 +140,16 @@ def score_image(estimator, sampler, pool, task: "ImageTask", targets: Sequence["
     return ImageResult(results, done, checks, grad_x0)
 
 
-def defended_points(transform: str, images: np.ndarray, ids: Sequence[int],
-                    seed: int) -> np.ndarray:
+def defended_points(transform: str, images: np.ndarray, ids: Sequence[int], seed: int,
+                    data_range: tuple[float, float] | None = common.DEFAULT_DATA_RANGE
+                    ) -> np.ndarray:
     """T(x0) of each image: float32 [n, *input_shape], the defended classifier's inputs.
 
     ``images[k]`` is test image ``ids[k]``. A random transformation
     (defend_tv) draws each image's mask from its own stream (seed, image id),
     so T(x0) does not depend on which other images are in the run, nor on
     which driver (collect_gradients.py or a sweep worker) computes it.
+    ``data_range``: the images' range (lo, hi), mapped to T's [0, 1] and back.
     """
     import defense
     from randsphere import transform_rng
@@ -156,7 +158,8 @@ def defended_points(transform: str, images: np.ndarray, ids: Sequence[int],
         return images
     return np.concatenate([
         defense.apply_transform(transform, images[k:k + 1],
-                                rng=transform_rng((seed, int(img_id), -1, 0)))
+                                rng=transform_rng((seed, int(img_id), -1, 0)),
+                                data_range=data_range)
         for k, img_id in enumerate(ids)])
 
 
@@ -178,7 +181,7 @@ def mat_record(args, task: "ImageTask", target: "Target", result: "TargetResult"
     docs/format.md's keys (first order: G1_max, G2_max, Gi_max, L1_max,
     L2_max, Li_max; second order: H2_max, g_x0_grad_2_norm; both: g_x0, pred,
     id, true_label, target_label, info, args, path) and this toolkit's
-    provenance keys (radius, sampling, seed, counts of NaN/zero gradients,
+    provenance keys (radius, data range, sampling, seed, counts of NaN/zero gradients,
     precision, versions, Niters_used...). ``grad_x0_norm``: [3] gradient L1,
     L2, L-inf norms at x0 (order 2). ``extra``: more keys, added last.
     """
@@ -196,7 +199,8 @@ def mat_record(args, task: "ImageTask", target: "Target", result: "TargetResult"
                     Gi_max=result.grad_max[:, 2], L1_max=result.slope_max[:, 0],
                     L2_max=result.slope_max[:, 1], Li_max=result.slope_max[:, 2])
     keys.update({
-        "radius": float(radius), "sample_norm": args.sample_norm,
+        "radius": float(radius), "data_range": common.data_range_value(args.data_range),
+        "sample_norm": args.sample_norm,
         "uniform_ball": int(args.uniform_ball), "sampler": args.sampler, "seed": args.seed,
         "Nsamps": args.Nsamps, "Niters": args.Niters, "Niters_used": int(len(result.grad_max)),
         "batch_size": args.batch_size, "dim": dim, "order": args.order,

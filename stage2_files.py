@@ -51,7 +51,9 @@ class StageOneFile:
     --use_slope) or, for order 2, of |H2_max| for p = L2 only. ``keys`` names
     the stored key of each. ``radius``/``sample_norm``/``dim`` describe the
     sampling ball (file keys, else the ``args`` struct, else the original
-    defaults, docs/format.md); ``dim`` is None when unknown.
+    defaults, docs/format.md); ``dim`` is None when unknown. ``data_range``:
+    the model's input range (lo, hi) the points were clipped to, None for
+    unbounded inputs; [-0.5, 0.5] for files that do not record it.
     """
 
     path: str
@@ -70,6 +72,7 @@ class StageOneFile:
     radius: float
     sample_norm: Norm
     dim: int | None
+    data_range: tuple[float, float] | None = common.DEFAULT_DATA_RANGE
     provenance: Mapping[str, object] = field(default_factory=dict)
     g_x0_text: str = ""  # g_x0 as the original printed it: str() of the stored value
 
@@ -177,6 +180,14 @@ def _sampling_ball(mat: Mapping, args: Mapping) -> tuple[float, Norm, int | None
     return radius, common.SAMPLE_NORMS[norm_name], dim
 
 
+def _data_range(value) -> tuple[float, float] | None:
+    """The ``data_range`` key, [lo, hi] ([-inf, inf]: unbounded inputs), as (lo, hi) or None."""
+    arr = np.asarray(value, dtype=np.float64).ravel()
+    if arr.size != 2 or not arr[0] < arr[1]:
+        raise ValueError(f"expected [lo, hi] with lo < hi, got {arr.tolist()}")
+    return None if np.isinf(arr).all() else (float(arr[0]), float(arr[1]))
+
+
 def _maxima(mat: Mapping, key: str, num_samples: int) -> np.ndarray:
     def convert(value):
         arr = np.atleast_1d(np.asarray(value))
@@ -260,6 +271,8 @@ def load_stage1_file(path: str, *, use_slope: bool = False, num_samples: int = 0
             info = user_type
         args = _args_dict(mat)
         radius, sample_norm, dim = _sampling_ball(mat, args)
+        data_range = (_key(mat, "data_range", _data_range) if "data_range" in mat
+                      else common.DEFAULT_DATA_RANGE)
         nsamps = name.nsamps if name is not None else int(args.get("Nsamps", 0) or 0)
         niters = name.niters if name is not None else int(next(iter(maxima.values())).size)
         activation = name.activation if name is not None else ""
@@ -274,7 +287,8 @@ def load_stage1_file(path: str, *, use_slope: bool = False, num_samples: int = 0
                         target_label=target_label, info=info, order=order, nsamps=nsamps,
                         niters=niters, activation=activation, g_x0=g_x0, grad_norm=grad_norm,
                         maxima=maxima, keys=keys, radius=radius, sample_norm=sample_norm,
-                        dim=dim, provenance=provenance, g_x0_text=g_x0_text)
+                        dim=dim, data_range=data_range, provenance=provenance,
+                        g_x0_text=g_x0_text)
 
 
 def find_mat_files(folder: str, match: str = "") -> list[str]:

@@ -292,7 +292,8 @@ class Sweep:
             import models
 
             data = models.load_dataset(a.dataset, a.data_dir)
-        job.test_data, job.test_labels = data.test_data, data.test_labels
+        job.test_data = common.scale_to_range(data.test_data, a.data_range)
+        job.test_labels = data.test_labels
         job.ids, job.user_targets = collect_gradients.image_ids(a, len(job.test_data))
         images = np.ascontiguousarray(job.test_data[job.ids], dtype=np.float32)
         job.images_ref = self.ray.put(images)

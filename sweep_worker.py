@@ -111,7 +111,7 @@ class ModelWorker:
             self.path_on_worker = unpack(self.blob, self.folder)
         from randsphere import BallSampler
 
-        self.sampler = BallSampler.create(a.sample_norm, a.radius, a.uniform_ball)
+        self.sampler = BallSampler.create(a.sample_norm, a.radius, a.uniform_ball, a.data_range)
         common.set_seed(a.seed)  # before building, as collect_gradients: random weights agree
         if a.dataset == "imagenet":
             local = argparse.Namespace(**vars(a))
@@ -157,7 +157,8 @@ class ModelWorker:
                 import stage1
 
                 self._defended_images = stage1.defended_points(
-                    self.args.transform, self.images, self.ids, self.args.seed)
+                    self.args.transform, self.images, self.ids, self.args.seed,
+                    self.args.data_range)
         return self._defended_images
 
     def plan(self) -> dict:
@@ -192,7 +193,7 @@ class ModelWorker:
             from randsphere import SamplerPool
 
             self.pool = SamplerPool(self.sampler, self.images.shape[1:], a.batch_size,
-                                    a.nthreads, a.transform or None)
+                                    a.nthreads, a.transform or None, clip=a.data_range)
         compute = [0.0]
         first = [None]
 
@@ -317,7 +318,9 @@ def stage2_file(name: str, data: bytes, method: str, shape_reg: float) -> dict:
                                  "bound": bound, "bound_uncapped": uncapped, "cap": cap}
         return {"path": name, "id": f.img_id, "true_label": f.true_label,
                 "target_label": f.target_label, "info": f.info, "order": f.order,
-                "g_x0": f.g_x0, "norms": norms, "seconds": time.perf_counter() - t0, **where}
+                "g_x0": f.g_x0, "radius": f.radius,
+                "data_range": None if f.data_range is None else list(f.data_range),
+                "norms": norms, "seconds": time.perf_counter() - t0, **where}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

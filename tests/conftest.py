@@ -142,3 +142,15 @@ def quadratic_model(eigenvalues, seed=0):
         return tf.stack([g, tf.zeros_like(g), tf.zeros_like(g)], axis=1)
 
     return model
+
+
+def model_in_range(inner_path, lo, hi, path):
+    """Save at ``path`` the model taking inputs in [lo, hi]: x -> (x - lo) / (hi - lo) - 0.5, then
+    the [-0.5, 0.5] model of ``inner_path`` (a Keras Rescaling layer in front of it)."""
+    import keras
+
+    inner = keras.saving.load_model(str(inner_path), compile=False)
+    inp = keras.Input(inner.input_shape[1:])
+    scaled = keras.layers.Rescaling(1.0 / (hi - lo), offset=-lo / (hi - lo) - 0.5)(inp)
+    keras.Model(inp, inner(scaled)).save(str(path))
+    return str(path)

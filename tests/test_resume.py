@@ -42,6 +42,7 @@ def first_run(tmp_path, tanh_model_path, capsys):
 
 @pytest.mark.parametrize("extra, setting", [
     (["--radius", "0.5"], "radius"),
+    (["--data_range", "-0.5", "1.5", "--radius", "3"], "data_range"),
     (["--sample_norm", "li"], "sample_norm"),
     (["--seed", "7"], "seed"),
     (["--uniform_ball"], "uniform_ball"),

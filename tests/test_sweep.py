@@ -126,6 +126,29 @@ def test_sweep_matches_collect_gradients_on_two_nodes(cluster, tmp_path, linear_
         clever.clever_bound(f.g_x0, fit.estimate), rel=1e-12)
 
 
+def test_a_sweep_in_a_models_own_range_matches_collect_gradients(cluster, tmp_path,
+                                                                 tanh_model_path):
+    """--data_range reaches the workers: images scaled, radius, clipping (pool too)."""
+    from conftest import model_in_range
+
+    model = model_in_range(tanh_model_path, 0.0, 255.0, tmp_path / "in255.keras")
+    flags = ["-n", "1", "--targets", "top2", "--data_range", "0", "255", "--sampler", "shm",
+             "--nthreads", "1"] + SMALL
+    args = sweep.parse_args(["--address", cluster.address, "--workers", "1", "--models", model,
+                             "-s", str(tmp_path / "sweep"), "--out", str(tmp_path / "out"),
+                             "--no_stage2"] + flags)
+    assert sweep.main(args) == 0
+    collect_gradients.main(collect_gradients.parse_args(
+        ["--model_path", model, "-s", str(tmp_path / "ref")] + flags))
+    mine, theirs = _mats(tmp_path / "sweep"), _mats(tmp_path / "ref")
+    assert [os.path.basename(f) for f in mine] == [os.path.basename(f) for f in theirs] != []
+    for f, g in zip(mine, theirs):
+        a, b = scipy.io.loadmat(f), scipy.io.loadmat(g)
+        assert a["radius"].item() == 3.0 * 255 and a["data_range"].tolist() == [[0.0, 255.0]]
+        for key in ("G1_max", "G2_max", "Gi_max", "g_x0", "pred", "settings"):
+            assert a[key].tobytes() == b[key].tobytes(), (f, key)
+
+
 def test_a_killed_worker_loses_nothing(cluster, tmp_path, tanh_model_path):
     save, out = tmp_path / "sweep", tmp_path / "out"
     release = tmp_path / "release"
@@ -235,12 +258,13 @@ def test_spec_file_lists_jobs(tmp_path, linear_model_path):
     spec = tmp_path / "sweep.toml"
     spec.write_text(f'[defaults]\nNsamps = 16\nNiters = 5\n\n[[job]]\nmodels = ["{linear_model_path}"]\n'
                     f'numimg = 2\n\n[[job]]\nmodels = ["{linear_model_path}"]\nsave = "{tmp_path}/b"\n'
-                    'targets = ["top2", "least"]\n')
+                    'targets = ["top2", "least"]\ndata_range = [0, 255]\n')
     args = sweep.parse_args(["--spec", str(spec), "-d", "digits"])
     jobs = sweep.build_jobs(args)
     assert [j.error for j in jobs] == ["", ""]
     assert [j.args.numimg for j in jobs] == [2, 1]
     assert [j.args.Nsamps for j in jobs] == [16, 16]
+    assert [j.args.data_range for j in jobs] == [(-0.5, 0.5), (0.0, 255.0)]
     assert jobs[1].out_dir == os.path.join(str(tmp_path), "b", "digits_linear")
     assert [k.value for k in jobs[1].args.kinds] == ["top2", "least"]
 
