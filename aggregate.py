@@ -33,7 +33,8 @@ import common
 from common import Norm
 
 K = TypeVar("K", bound=Hashable)   # a field: a bound norm, a column name, ...
-G = TypeVar("G", bound=Hashable)   # a group: an info, a (job, info) pair, ...
+G = TypeVar("G", bound=Hashable)   # a group: an info, an image id, a job, ...
+V = TypeVar("V")                    # what is grouped: one file's values, a record, ...
 
 
 class Reduce(enum.Enum):
@@ -159,9 +160,12 @@ def reduce_fields(rows: Sequence[Mapping[K, float]], how: Reduce = Reduce.MEAN) 
     return {f: reduce([row[f] for row in rows], how) for f in fields}
 
 
-def group(items: Iterable[tuple[G, Mapping[K, float]]]) -> dict[G, list[Mapping[K, float]]]:
-    """(group key, values) pairs as key -> list of values, keys in first-seen order."""
-    out: dict[G, list[Mapping[K, float]]] = {}
+def group(items: Iterable[tuple[G, V]]) -> dict[G, list[V]]:
+    """(group key, item) pairs as key -> list of items, keys in first-seen order.
+
+    The items are usually one file's values (a mapping field -> float).
+    """
+    out: dict[G, list[V]] = {}
     for key, values in items:
         out.setdefault(key, []).append(values)
     return out

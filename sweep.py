@@ -35,7 +35,9 @@ How the work is spread (one core, two drivers: the per-image work is
   A killed driver leaves only complete files; rerunning resumes.
 * Stage 2 runs as one Ray CPU task per file (the fit of ``clever.py``); the
   driver writes ``--out``: summary.csv, summary.md, records.json,
-  records.csv and provenance.json.
+  records.csv and provenance.json. Every record carries its job's label
+  (``sweep_jobs.job_labels``); the summary's rows are per job, info and norm,
+  aggregated by ``aggregate.py`` as ``clever.py`` does (docs/sweeps.md).
 """
 from __future__ import annotations
 
@@ -50,11 +52,14 @@ from typing import Sequence
 
 import numpy as np
 
+import aggregate
 import common
 import resume
 import stage1
+from aggregate import Reduce
 from common import ToolError
-from sweep_jobs import MODEL_FLAGS, Job, Task, build_jobs, collect_args
+from stage2_files import is_untargeted_info
+from sweep_jobs import MODEL_FLAGS, Job, Task, build_jobs, collect_args, collect_args_record
 from sweep_worker import actor_class, pack, stage2_file
 
 log = logging.getLogger("clever.sweep")
@@ -369,7 +374,7 @@ class Sweep:
         """
         steady, trace = [], [0.0]
         for t in self.task_log:
-            if t["kind"] != "score" or t["job"] != job.name:
+            if t["kind"] != "score" or t["job"] != job.label:
                 continue
             n = max(1, t.get("iterations", 1))
             rest = t["compute_seconds"] - t["first_iteration_seconds"]
@@ -423,7 +428,7 @@ class Sweep:
         if slot in self.slots:
             self.deaths += 1
             log.warning("a worker of %s died (%s); its work goes to another worker",
-                        job.name, type(err).__name__)
+                        job.label, type(err).__name__)
             self._retire(slot, kill=False)
         if kind == "score":
             job.inflight -= 1
@@ -456,7 +461,7 @@ class Sweep:
 
     def _fail_task(self, t: Task, message: str) -> None:
         t.job.n_failed += len(t.pending)
-        log.error("%s: image %d failed (%s)", t.job.name, t.task.img_id, message)
+        log.error("%s: image %d failed (%s)", t.job.label, t.task.img_id, message)
         if self.bar is not None:
             self.bar.update(1)
         self._check_done(t.job)
@@ -483,13 +488,13 @@ class Sweep:
         for task in tasks:
             if not task.correct:
                 log.info("%s: image %d is misclassified (label %d, predicted %d): skipped",
-                         job.name, task.img_id, task.true_label, task.predicted)
+                         job.label, task.img_id, task.true_label, task.predicted)
         # Before any of the job's tasks: a file made with other settings stops the sweep
         # with one line (resume.py), nothing of the job's changed.
         check = resume.ResumeCheck(settings)
         work = stage1.plan_image_files(a, tasks, job.out_dir, check=check)
         if check.notice():
-            log.warning("%s: %s", job.name, check.notice())
+            log.warning("%s: %s", job.label, check.notice())
         os.makedirs(job.out_dir, exist_ok=True)
         if common.remove_stale_temp_files(job.out_dir):
             log.warning("removed temporary files of an earlier run that was killed in %s",
@@ -505,7 +510,7 @@ class Sweep:
         job.n_skipped = len(job.files) - pending
         if job.n_skipped:
             log.warning("%s: %d result files already exist in %s and are kept (resume)",
-                        job.name, job.n_skipped, job.out_dir)
+                        job.label, job.n_skipped, job.out_dir)
         for task, plist in work:
             job.queue.append(Task(job, pos[task.img_id], task, list(plist)))
         job.state = "running"
@@ -528,7 +533,7 @@ class Sweep:
         self.written += paths
         t.job.n_written += len(paths)
         write = time.perf_counter() - w0
-        self.task_log.append({"kind": "score", "job": t.job.name, "image": t.task.img_id,
+        self.task_log.append({"kind": "score", "job": t.job.label, "image": t.task.img_id,
                               "targets": [tg.label for tg, _ in t.pending], "files": paths,
                               "node": out["node"], "pid": out["pid"], "host": out["host"],
                               "attempt": t.attempt, "wall_seconds": wall,
@@ -559,17 +564,19 @@ class Sweep:
     def _stage2_done(self, payload, out: dict) -> None:
         job, path = payload
         if "error" in out:
-            self.stage2_errors.append({"model": job.name, "path": path, "error": out["error"]})
+            self.stage2_errors.append({"job": job.label, "model": job.name, "path": path,
+                                       "error": out["error"]})
             log.error("%s: stage 2: %s", path, out["error"])
         else:
-            out.update(model=job.name, dataset=job.args.dataset)
+            out.update(job=job.label, job_settings=job.settings, model=job.name,
+                       dataset=job.args.dataset)
             self.stage2.append(out)
-        self.task_log.append({"kind": "stage2", "job": job.name, "files": [path],
+        self.task_log.append({"kind": "stage2", "job": job.label, "files": [path],
                               "node": out.get("node", ""), "pid": out.get("pid", 0),
                               "worker_seconds": out.get("seconds", 0.0)})
 
     def _log_task(self, kind: str, job: Job, out: dict, wall: float) -> None:
-        self.task_log.append({"kind": kind, "job": job.name, "node": out.get("node", ""),
+        self.task_log.append({"kind": kind, "job": job.label, "node": out.get("node", ""),
                               "pid": out.get("pid", 0), "host": out.get("host", ""),
                               "wall_seconds": wall, "worker_seconds": out.get("seconds", 0.0)})
 
@@ -606,46 +613,79 @@ class Sweep:
 # --------------------------------------------------------------------------
 # Summaries
 # --------------------------------------------------------------------------
-def summarize(records: list[dict]) -> list[dict]:
-    """Rows per (model, info, norm): mean/min CLEVER capped and uncapped, images, K-S pass rate.
+#: Per-file numbers of a norm that a summary row reduces -> the stem of its columns
+#: (``mean_<stem>``, ``min_<stem>``).
+SUMMARY_FIELDS = {"bound": "clever", "bound_uncapped": "clever_uncapped"}
+#: Info of a job's row that takes, per image, the minimum over its targeted files
+#: (top2/random/least/user): a minimum over those targets only, not CLEVER-u.
+MIN_OVER_TARGETS = "min_over_targets"
+#: Info of the row of a job with ``--targets all`` files (class<j>, every other class):
+#: per image the minimum over all its files, CLEVER-u as ``clever.py --untargeted``.
+UNTARGETED = "untargeted"
 
-    An extra info ``untargeted`` per model takes, per image, the minimum over
-    its targets (CLEVER-u from the targets computed).
+
+def _summary_rows(info: str, recs: list[dict], per_image: bool) -> list[dict]:
+    """One row per bound norm of ``recs`` (one job's files) under ``info``.
+
+    ``per_image``: each image's minimum over its files first, then mean and
+    minimum over images; else mean and minimum over the files. ``files``,
+    ``ks_pass_rate`` and ``fallbacks`` count every fit that entered the row.
     """
-    groups: dict = {}
-    for r in records:
-        for label, n in r["norms"].items():
-            groups.setdefault((r["model"], r["dataset"], r["info"], label), []).append((r, n))
-    per_image: dict = {}
-    for r in records:
-        for label, n in r["norms"].items():
-            key = (r["model"], r["dataset"], "untargeted", label)
-            best = per_image.setdefault(key, {}).get(r["id"])
-            if best is None or n["bound"] < best[1]["bound"]:
-                per_image[key][r["id"]] = (r, n)
-    for key, by_id in per_image.items():
-        if len({r["info"] for r, _ in by_id.values()}) >= 1 and len(
-                {(r["model"], r["info"]) for r in records if r["model"] == key[0]}) > 1:
-            groups[key] = list(by_id.values())
+    first = recs[0]
     rows = []
-    for (model, dataset, info, label), items in sorted(
-            groups.items(), key=lambda kv: (kv[0][0], kv[0][2] == "untargeted", kv[0][2],
-                                            _NORM_LABELS.index(kv[0][3]))):
-        bounds = np.array([n["bound"] for _, n in items], np.float64)
-        uncapped = np.array([n["bound_uncapped"] for _, n in items], np.float64)
-        pvals = np.array([n["pval"] for _, n in items], np.float64)
-        rows.append({"model": model, "dataset": dataset, "info": info, "norm": label,
-                     "mean_clever": float(np.mean(bounds)), "min_clever": float(np.min(bounds)),
-                     "mean_clever_uncapped": float(np.mean(uncapped)),
-                     "min_clever_uncapped": float(np.min(uncapped)),
-                     "images": len({r["id"] for r, _ in items}), "files": len(items),
-                     "ks_pass_rate": float(np.mean(pvals > KS_ALPHA)),
-                     "fallbacks": int(sum(n["status"] not in ("fit", "maxsamp")
-                                          for _, n in items))})
+    for label in _NORM_LABELS:
+        if label not in first["norms"]:
+            continue
+        fits = [r["norms"][label] for r in recs]
+        per_file = [(r["id"], {f: r["norms"][label][f] for f in SUMMARY_FIELDS}) for r in recs]
+        values = ([m.values for m in aggregate.per_image_minimum(per_file)] if per_image
+                  else [v for _, v in per_file])
+        mean = aggregate.reduce_fields(values, Reduce.MEAN)
+        low = aggregate.reduce_fields(values, Reduce.MIN)
+        row = {"job": first["job"], "model": first["model"], "dataset": first["dataset"],
+               "info": info, "norm": label}
+        for f, stem in SUMMARY_FIELDS.items():
+            row[f"mean_{stem}"], row[f"min_{stem}"] = mean[f], low[f]
+        pvals = np.array([n["pval"] for n in fits], np.float64)
+        row.update(images=len({r["id"] for r in recs}), files=len(recs),
+                   ks_pass_rate=float(np.mean(pvals > KS_ALPHA)),
+                   fallbacks=int(sum(n["status"] not in ("fit", "maxsamp") for n in fits)))
+        rows.append(row)
     return rows
 
 
-_SUMMARY_COLUMNS = ("model", "dataset", "info", "norm", "mean_clever", "min_clever",
+def summarize(records: list[dict]) -> list[dict]:
+    """Rows per (job, info, norm): mean/min CLEVER capped and uncapped, images, K-S pass rate.
+
+    Per job (``record["job"]``, sorted) one row per targeted info and norm
+    over its files, as ``clever.py`` prints them; then, where the job has two
+    targeted infos or more, a ``min_over_targets`` row (per image the minimum
+    over those files); where it has class<j> files (``--targets all``), an
+    ``untargeted`` row (per image the minimum over every file of the image,
+    CLEVER-u, as ``clever.py --untargeted``). A minimum never spans jobs.
+    """
+    rows = []
+    by_job = aggregate.group((r["job"], r) for r in records)
+    for job in sorted(by_job):
+        recs = by_job[job]
+        targeted = [r for r in recs if not is_untargeted_info(r["info"])]
+        per_info = aggregate.group((r["info"], r) for r in targeted)
+        for info in sorted(per_info):
+            rows += _summary_rows(info, per_info[info], per_image=False)
+        if len(per_info) > 1:
+            rows += _summary_rows(MIN_OVER_TARGETS, targeted, per_image=True)
+        if len(targeted) < len(recs):
+            classes = aggregate.group((r["id"], r) for r in recs if is_untargeted_info(r["info"]))
+            most = max(len(v) for v in classes.values())
+            short = sorted(i for i, v in classes.items() if len(v) < most)
+            if short:
+                log.warning("%s: images %s lack some class files; their untargeted score is a "
+                            "minimum over fewer classes", job, short)
+            rows += _summary_rows(UNTARGETED, recs, per_image=True)
+    return rows
+
+
+_SUMMARY_COLUMNS = ("job", "model", "dataset", "info", "norm", "mean_clever", "min_clever",
                     "mean_clever_uncapped", "min_clever_uncapped", "images", "files",
                     "ks_pass_rate", "fallbacks")
 
@@ -671,13 +711,16 @@ def write_outputs(out: str, rows: list[dict], records: list[dict], provenance: d
           "|" + "|".join("---" for _ in _SUMMARY_COLUMNS) + "|"]
     md += ["| " + " | ".join(_fmt(row[c]) for c in _SUMMARY_COLUMNS) + " |" for row in rows]
     common.atomic_write_text(os.path.join(out, "summary.md"),
-                             "# CLEVER sweep\n\nBounds capped at the sampling radius "
-                             "(`_uncapped`: the original tool's numbers); K-S pass rate: "
+                             "# CLEVER sweep\n\nRows per job, info and bound norm. Bounds "
+                             "capped at the sampling radius (`_uncapped`: the original tool's "
+                             f"numbers); `{MIN_OVER_TARGETS}`: per image the minimum over the "
+                             f"job's targets (not CLEVER-u); `{UNTARGETED}`: per image the "
+                             "minimum over every other class (`--targets all`); K-S pass rate: "
                              f"share of fits with p > {KS_ALPHA}.\n\n" + "\n".join(md) + "\n")
 
     common.write_json(os.path.join(out, "records.json"), clever.json_safe(records))
-    fields = ("model", "dataset", "path", "id", "true_label", "target_label", "info", "order",
-              "g_x0", "node")
+    fields = ("job", "model", "dataset", "path", "id", "true_label", "target_label", "info",
+              "order", "g_x0", "node")
     norm_fields = ("key", "estimate", "shape", "loc", "scale", "ks", "pval", "status", "bound",
                    "bound_uncapped", "cap")
     buf = io.StringIO()
@@ -720,14 +763,14 @@ def main(args) -> int:
         skipped = sum(j.n_skipped for j in jobs)
         failed = sum(j.n_failed for j in jobs) + sum(1 for j in jobs if j.error and not j.files
                                                      and j.n_failed == 0)
-        records = sorted(sweep.stage2, key=lambda r: (r["model"], r["info"], r["id"], r["path"]))
+        records = sorted(sweep.stage2, key=lambda r: (r["job"], r["info"], r["id"], r["path"]))
         rows = summarize(records)
         provenance = common.provenance(
             {k: v for k, v in vars(args).items() if k != "base"},
             ray_version=ray.__version__, cluster=sweep.cluster, workers=sweep.workers,
             gpus_per_worker=sweep.gpus, worker_versions=sweep.worker_versions,
-            jobs=[{"model": j.name, "token": j.token, "source": j.source,
-                   "out_dir": j.out_dir, "state": j.state, "error": j.error,
+            jobs=[{"job": j.label, "settings": j.settings, "model": j.name, "token": j.token,
+                   "source": j.source, "out_dir": j.out_dir, "state": j.state, "error": j.error,
                    "written": j.n_written, "skipped": j.n_skipped, "failed": j.n_failed,
                    "args": collect_args_record(j.args)} for j in jobs],
             worker_deaths=sweep.deaths, tasks=sweep.task_log,
@@ -736,7 +779,7 @@ def main(args) -> int:
         for job, capped in sweep.capped.items():
             warning = stage1.power_cap_warning(capped, job.args.power_iters)
             if warning:
-                log.warning("%s: %s", job.name, warning)
+                log.warning("%s: %s", job.label, warning)
         if rows:
             print(f"[SWEEP] summary: {os.path.join(args.out, 'summary.csv')}", flush=True)
         print(f"sweep: {written} files written, {skipped} skipped, {failed} failed", flush=True)
@@ -755,12 +798,6 @@ def threading_main() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-def collect_args_record(a) -> dict:
-    if a is None:
-        return {}
-    return {k: common.jsonable(v) for k, v in vars(a).items()}
 
 
 if __name__ == "__main__":
