@@ -59,7 +59,7 @@ class Job:
     token: str                 # as written in --models / the spec
     name: str                  # output folder suffix (model name or file stem)
     label: str = ""            # unique in the sweep: <dataset>_<name>[ key=value ...]
-    settings: dict = field(default_factory=dict)  # the key=value settings of the label
+    label_settings: dict = field(default_factory=dict)  # the key=value settings of the label
     args: argparse.Namespace | None = None   # collect_gradients.parse_args result
     source: str = ""           # file or folder shipped to the workers ('' for none)
     error: str = ""            # set when the job failed
@@ -174,7 +174,7 @@ def build_jobs(args) -> list[Job]:
     named = job_labels([(os.path.basename(j.out_dir), collect_args_record(j.args))
                         for j in labelled])
     for job, (label, settings) in zip(labelled, named):
-        job.label, job.settings = label, settings
+        job.label, job.label_settings = label, settings
     for job in jobs:
         job.label = job.label or job.name
     return jobs

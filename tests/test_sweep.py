@@ -24,6 +24,8 @@ ray = pytest.importorskip("ray")
 import collect_gradients  # noqa: E402
 import resume  # noqa: E402
 import sweep  # noqa: E402
+import sweep_summary  # noqa: E402
+from sweep_summary import MIN_OVER_TARGETS, UNTARGETED  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["-d", "digits", "-N", "16", "-i", "5", "--no_progress", "-q"]
@@ -316,24 +318,24 @@ def test_summarize_keeps_jobs_apart_and_names_its_minimum_rows():
             _stage2_record(b, 0, "top2", 3, 0.1), _stage2_record(b, 0, "least", 5, 0.05),
             _stage2_record(b, 1, "top2", 2, 0.15), _stage2_record(b, 1, "least", 7, 0.12)]
     recs += [_stage2_record(u, 0, f"class{j}", j, 0.3 + 0.1 * j) for j in (0, 2, 3)]
-    rows = sweep.summarize(recs)
+    rows = sweep_summary.summarize(recs)
     assert len([r for r in rows if r["info"] == "top2"]) == 6      # 3 norms x 2 jobs
     top2 = _row(rows, a, "top2", "L2")
     assert top2["mean_clever"] == pytest.approx(0.5, rel=1e-15) and top2["min_clever"] == 0.4
     assert (top2["images"], top2["files"], top2["ks_pass_rate"]) == (2, 2, 0.5)
     # per image the minimum over top2 and least, then over images: (0.4 + 0.2) / 2
-    low = _row(rows, a, sweep.MIN_OVER_TARGETS, "L2")
+    low = _row(rows, a, MIN_OVER_TARGETS, "L2")
     assert low["mean_clever"] == pytest.approx(0.3, rel=1e-15) and low["min_clever"] == 0.2
     assert (low["images"], low["files"], low["fallbacks"]) == (2, 4, 1)
     # capped and uncapped are minimised field by field: L1 bounds 4, 9 / 6, 2 capped at 1
-    low1 = _row(rows, a, sweep.MIN_OVER_TARGETS, "L1")
+    low1 = _row(rows, a, MIN_OVER_TARGETS, "L1")
     assert (low1["mean_clever"], low1["mean_clever_uncapped"]) == pytest.approx((1.0, 3.0))
-    assert _row(rows, b, sweep.MIN_OVER_TARGETS, "L2")["mean_clever"] == pytest.approx(0.085)
+    assert _row(rows, b, MIN_OVER_TARGETS, "L2")["mean_clever"] == pytest.approx(0.085)
     # only the class<j> job has an untargeted row, and no per-class or min_over_targets rows
-    assert {r["info"] for r in rows if r["job"] == u} == {sweep.UNTARGETED}
-    unt = _row(rows, u, sweep.UNTARGETED, "L2")
+    assert {r["info"] for r in rows if r["job"] == u} == {UNTARGETED}
+    unt = _row(rows, u, UNTARGETED, "L2")
     assert (unt["mean_clever"], unt["images"], unt["files"]) == (0.3, 1, 3)
-    assert not [r for r in rows if r["job"] != u and r["info"] == sweep.UNTARGETED]
+    assert not [r for r in rows if r["job"] != u and r["info"] == UNTARGETED]
 
 
 def _clever_summary(folder, path, *flags):
@@ -347,11 +349,11 @@ def _clever_summary(folder, path, *flags):
 def _check_rows_against_clever(rows, doc, info):
     """A job's sweep rows under ``info`` equal clever.py's aggregates and per-file records."""
     agg = {a["info"]: a for a in doc["aggregates"] if a["level"] == "L0"}[
-        "untargeted" if info in (sweep.MIN_OVER_TARGETS, sweep.UNTARGETED) else info]
+        "untargeted" if info in (MIN_OVER_TARGETS, UNTARGETED) else info]
     for row in rows:
         assert float(row["mean_clever"]) == pytest.approx(agg[f"clever_{row['norm']}"],
                                                           rel=1e-9), row
-    if info not in (sweep.MIN_OVER_TARGETS, sweep.UNTARGETED):
+    if info not in (MIN_OVER_TARGETS, UNTARGETED):
         for row in rows:
             norms = [r["norms"][row["norm"]] for r in doc["records"] if r["info"] == info]
             assert int(row["files"]) == len(norms)
@@ -392,20 +394,20 @@ def test_two_jobs_of_one_model_get_their_own_rows(cluster, tmp_path, linear_mode
         folder = save / "digits_lintanh"
         targeted = _clever_summary(folder, tmp_path / "t.json")
         per_image = _clever_summary(folder, tmp_path / "u.json", "--untargeted")
-        for info in ("least", "random", "top2", sweep.MIN_OVER_TARGETS):
+        for info in ("least", "random", "top2", MIN_OVER_TARGETS):
             mine = [r for r in rows if (r["job"], r["info"]) == (job, info)]
             assert [r["norm"] for r in mine] == ["L1", "L2", "Li"]
-            _check_rows_against_clever(mine, per_image if info == sweep.MIN_OVER_TARGETS
+            _check_rows_against_clever(mine, per_image if info == MIN_OVER_TARGETS
                                        else targeted, info)
-        assert not [r for r in rows if (r["job"], r["info"]) == (job, sweep.UNTARGETED)]
+        assert not [r for r in rows if (r["job"], r["info"]) == (job, UNTARGETED)]
     # the radius changes the numbers: the two jobs were not merged into one
     a, b = ([float(r["mean_clever_uncapped"]) for r in rows
              if (r["job"], r["info"], r["norm"]) == (job, "top2", "L2")][0] for job in jobs)
     assert a != b
     unt = [r for r in rows if r["job"] == "digits_linear"]
-    assert [(r["info"], r["norm"]) for r in unt] == [(sweep.UNTARGETED, n)
+    assert [(r["info"], r["norm"]) for r in unt] == [(UNTARGETED, n)
                                                      for n in ("L1", "L2", "Li")]
     assert {int(r["files"]) for r in unt} == {9}          # every other class of a 10-class model
     doc = _clever_summary(tmp_path / "c" / "digits_linear", tmp_path / "c.json", "--untargeted")
     assert [a["n_classes"] for a in doc["aggregates"] if a["level"] == "L1"] == [10]
-    _check_rows_against_clever(unt, doc, sweep.UNTARGETED)
+    _check_rows_against_clever(unt, doc, UNTARGETED)
