@@ -10,8 +10,10 @@ NumPy/SciPy only: this module never imports TensorFlow, directly or not.
 
 Layers, from pure to impure:
 
-* :mod:`weibull_fit` (array in, :class:`FitResult` out), :func:`clever_bound`
-  and :func:`second_order_bound`: the method.
+* :mod:`weibull_fit` (array in, :class:`FitResult` out) and :mod:`aggregate`
+  (the bound with its radius cap, the per-info mean or minimum, the per-image
+  minimum; :func:`clever_bound`, :func:`second_order_bound` and :func:`cap_for`
+  are re-exported here): the method.
 * :func:`stage2_files.load_stage1_file` (one file in, :class:`StageOneFile`
   out) and :func:`score_folder` (a folder in, :class:`RunResult` out, no printing):
   what stage-1 tests and notebooks call in-process.
@@ -34,7 +36,9 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+import aggregate
 import common
+from aggregate import Reduce, cap_for, clever_bound, second_order_bound  # noqa: F401
 from common import Norm, ToolError
 from stage2_files import (BOUND_NORMS, FileError, StageOneFile,  # noqa: F401
                           find_mat_files, is_untargeted_info, load_stage1_file)
@@ -44,52 +48,6 @@ from weibull_fit import (C_INIT, MIN_PVALUE, FitResult, FitStatus, FitTrial, Met
 log = logging.getLogger("clever.stage2")
 
 PROG = "clever.py"
-
-# --------------------------------------------------------------------------
-# Scores (pure)
-# --------------------------------------------------------------------------
-def clever_bound(g_x0: float, lipschitz: float) -> float:
-    """First-order CLEVER bound g(x0) / L (docs/format.md); +inf when L is 0.
-
-    ``g_x0``: logit margin f_c(x0) - f_j(x0); ``lipschitz``: estimate of
-    max ||grad g||_q in the dual norm q of the bound's norm p.
-    """
-    if lipschitz == 0.0:
-        return math.inf if g_x0 > 0 else (math.nan if g_x0 == 0 else -math.inf)
-    return float(g_x0) / float(lipschitz)
-
-
-def second_order_bound(g_x0: float, grad_norm: float, curvature: float) -> float:
-    """Second-order CLEVER L2 bound (GlobalSIP 2018, docs/format.md).
-
-    (-a + sqrt(a^2 + 2 g H)) / H with a = ||grad g(x0)||_2, g = g(x0) and
-    H >= 0 the estimated magnitude of the most negative curvature, computed as
-    the algebraically equal 2 g / (a + sqrt(a^2 + 2 g H)) (multiply by the
-    conjugate), which has no cancellation for small H and tends to the
-    first-order value g / a as H -> 0 instead of dividing 0 by 0.
-    """
-    g, a, h = float(g_x0), float(grad_norm), float(curvature)
-    root = math.sqrt(a * a + 2.0 * g * h) if a * a + 2.0 * g * h >= 0 else math.nan
-    denom = a + root
-    if denom == 0.0:
-        return math.inf if g > 0 else math.nan
-    return 2.0 * g / denom
-
-
-def cap_for(radius: float, sample_norm: Norm, bound_norm: Norm, dim: int | None) -> float | None:
-    """The radius cap of a bound in ``bound_norm`` (see :func:`common.radius_cap`).
-
-    Returns None when the cap depends on the input dimension and ``dim`` is
-    unknown (a file of the original tool with no dataset hint).
-    """
-    if dim is None:
-        # The cap is R / d^e with e >= 0; it needs d only when e > 0, i.e.
-        # when it differs between d = 1 and d = 2.
-        if common.radius_cap(radius, sample_norm, bound_norm, 2) != float(radius):
-            return None
-        dim = 1
-    return common.radius_cap(radius, sample_norm, bound_norm, int(dim))
-
 
 # --------------------------------------------------------------------------
 # A run over a folder (no printing)
@@ -142,7 +100,7 @@ class Aggregate:
     info: str                   # info, or "untargeted"
     values: Mapping[Norm, float]
     image: int | None = None    # L1 lines
-    n_classes: int | None = None  # L1 lines: files of the image + the true class
+    n_classes: int | None = None  # L1 lines: aggregate.n_classes (files + the true class)
 
 
 @dataclass(frozen=True, eq=False)
@@ -163,7 +121,7 @@ class RunResult:
 
 def reported_bound(score: NormScore, radius_cap: bool) -> float:
     """``score.bound`` (capped) or, for --no_radius_cap, ``score.bound_uncapped``."""
-    return score.bound if radius_cap else score.bound_uncapped
+    return aggregate.reported(score.bound, score.bound_uncapped, radius_cap)
 
 
 @dataclass(frozen=True)
@@ -238,42 +196,25 @@ def _execute(tasks: list[_FitTask], nthreads: int, progress: bool) -> Iterable[t
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _reduce(values: Sequence[float], how: str) -> float:
-    if how == "min":
-        return float(min(values))
-    return float(sum(values) / len(values))
-
-
 def _aggregate(files: Sequence[FileScore], options: Options, order: int) -> list[Aggregate]:
     """The ``[STATS]`` lines: per info (targeted) or per image, then overall (untargeted)."""
-    def reported(score: NormScore) -> float:
-        return reported_bound(score, options.radius_cap)
-
     norms = BOUND_NORMS if order == 1 else (Norm.L2,)
-    out: list[Aggregate] = []
+    how = Reduce(options.reduce)
+
+    def values(fs: FileScore) -> dict[Norm, float]:
+        return {n: reported_bound(fs.scores[n], options.radius_cap) for n in norms}
+
     if options.untargeted:
-        per_image: dict[int, list[FileScore]] = {}
-        for fs in files:
-            per_image.setdefault(fs.file.img_id, []).append(fs)
-        image_values: list[dict[Norm, float]] = []
-        for img_id in sorted(per_image):
-            group = per_image[img_id]
-            values = {n: float(min(reported(fs.scores[n]) for fs in group)) for n in norms}
-            image_values.append(values)
-            out.append(Aggregate("L1", "untargeted", values, image=img_id,
-                                 n_classes=len(group) + 1))
-        if image_values:
-            out.append(Aggregate("L0", "untargeted", {
-                n: _reduce([v[n] for v in image_values], options.reduce) for n in norms}))
+        images = aggregate.per_image_minimum((fs.file.img_id, values(fs)) for fs in files)
+        out = [Aggregate("L1", "untargeted", m.values, image=m.image, n_classes=m.n_classes)
+               for m in images]
+        if images:
+            out.append(Aggregate("L0", "untargeted",
+                                 aggregate.reduce_fields([m.values for m in images], how)))
         return out
-    per_info: dict[str, list[FileScore]] = {}
-    for fs in files:
-        per_info.setdefault(fs.file.info, []).append(fs)
-    for info in sorted(per_info):
-        out.append(Aggregate("L0", info, {
-            n: _reduce([reported(fs.scores[n]) for fs in per_info[info]], options.reduce)
-            for n in norms}))
-    return out
+    per_info = aggregate.group((fs.file.info, values(fs)) for fs in files)
+    return [Aggregate("L0", info, aggregate.reduce_fields(per_info[info], how))
+            for info in sorted(per_info)]
 
 
 def _select(loaded: list[StageOneFile], options: Options,
@@ -364,16 +305,12 @@ def score_folder(folder: str, options: Options = Options()) -> RunResult:
             if fit.status is FitStatus.NO_DATA:
                 failed = f"{f.keys[norm]} has no finite values (all NaN or inf)"
                 break
-            if f.order == 1:
-                uncapped = clever_bound(f.g_x0, fit.estimate)
-            else:
-                uncapped = second_order_bound(f.g_x0, f.grad_norm, fit.estimate)
-            cap = cap_for(f.radius, f.sample_norm, norm, f.dim)
-            if cap is None:
+            b = aggregate.file_bound(f.order, f.g_x0, fit.estimate, f.radius, f.sample_norm,
+                                     norm, f.dim, f.grad_norm)
+            if b.cap is None:
                 log.debug("%s: input dimension unknown: the %s bound (samples in an %s ball) "
                           "is not capped", f.path, norm.label, f.sample_norm.label)
-            bound = uncapped if cap is None or math.isnan(uncapped) else min(uncapped, cap)
-            scores[norm] = NormScore(norm, f.keys[norm], fit, uncapped, cap, bound)
+            scores[norm] = NormScore(norm, f.keys[norm], fit, b.uncapped, b.cap, b.bound)
         if failed:
             errors.append((f.path, failed))
         else:

@@ -16,6 +16,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+import aggregate
 import common
 from common import Norm, ToolError
 
@@ -131,35 +132,36 @@ def clever_rows(records: Iterable[Mapping], model: str, ids: Sequence[int] | Non
     Targeted: one row per file whose info is least/random/top2, with the
     capped bounds ``clever_L1/L2/Li`` (input units). Untargeted: one row per
     image, each bound the minimum over that image's class<j> files
-    (CLEVER-u), ``n_classes`` the number of files. ``ids`` keeps only those
-    images (the folder may hold files of an earlier, larger run).
+    (CLEVER-u, :func:`aggregate.per_image_minimum`). ``n_classes`` is
+    :func:`aggregate.n_classes`: the files of the row plus the true class (2
+    for a targeted row, the data set's classes for a complete CLEVER-u).
+    ``ids`` keeps only those images (the folder may hold files of an earlier,
+    larger run).
     """
     wanted = None if ids is None else set(int(i) for i in ids)
+    norms = (Norm.L1,) + TABLE_NORMS
+    targeted_infos = {k.value for k in TARGETED_KINDS}
     rows: list[dict] = []
-    groups: dict[int, list[Mapping]] = {}
+    class_files: list[tuple[int, dict[str, float]]] = []
+    true_label: dict[int, int] = {}
     for rec in records:
         if wanted is not None and int(rec["id"]) not in wanted:
             continue
         info = str(rec["info"])
+        if not (_is_class_info(info) if untargeted else info in targeted_infos):
+            continue
+        bounds = {f"clever_{n.label}": _num(rec["norms"][n.label]["bound"]) for n in norms}
         if untargeted:
-            if _is_class_info(info):
-                groups.setdefault(int(rec["id"]), []).append(rec)
+            class_files.append((int(rec["id"]), bounds))
+            true_label.setdefault(int(rec["id"]), int(rec["true_label"]))
             continue
-        if info not in {k.value for k in TARGETED_KINDS}:
-            continue
-        row = {"model": model, "id": int(rec["id"]), "true_label": int(rec["true_label"]),
-               "kind": info, "target": int(rec["target_label"]), "n_classes": 1}
-        for norm in (Norm.L1,) + TABLE_NORMS:
-            row[f"clever_{norm.label}"] = _num(rec["norms"][norm.label]["bound"])
-        rows.append(row)
-    for img_id in sorted(groups):
-        group = groups[img_id]
-        row = {"model": model, "id": img_id, "true_label": int(group[0]["true_label"]),
-               "kind": Kind.UNTARGETED.value, "target": -1, "n_classes": len(group)}
-        for norm in (Norm.L1,) + TABLE_NORMS:
-            row[f"clever_{norm.label}"] = float(min(_num(r["norms"][norm.label]["bound"])
-                                                    for r in group))
-        rows.append(row)
+        rows.append({"model": model, "id": int(rec["id"]), "true_label": int(rec["true_label"]),
+                     "kind": info, "target": int(rec["target_label"]),
+                     "n_classes": aggregate.n_classes(1), **bounds})
+    for m in aggregate.per_image_minimum(class_files):
+        rows.append({"model": model, "id": m.image, "true_label": true_label[m.image],
+                     "kind": Kind.UNTARGETED.value, "target": -1, "n_classes": m.n_classes,
+                     **m.values})
     rows.sort(key=lambda r: (r["id"], ALL_KINDS.index(Kind(r["kind"])), r["target"]))
     return rows
 

@@ -608,7 +608,7 @@ def process_model(args, name: str, model, ids: Sequence[int], test_data: np.ndar
     fits = (fit_rows(summaries["targeted"]["records"], name, ids)
             + fit_rows(summaries["untargeted"]["records"], name, ids))
     incomplete = [r["id"] for r in rows if r["kind"] == Kind.UNTARGETED.value
-                  and r["n_classes"] != NUM_CLASSES - 1]
+                  and r["n_classes"] != NUM_CLASSES]
     if incomplete:
         log.warning("%s: images %s lack some class files; their CLEVER-u is a minimum over "
                     "fewer classes", name, incomplete)

@@ -35,12 +35,14 @@ How the work is spread (one core, two drivers: the per-image work is
   A killed driver leaves only complete files; rerunning resumes.
 * Stage 2 runs as one Ray CPU task per file (the fit of ``clever.py``); the
   driver writes ``--out``: summary.csv, summary.md, records.json,
-  records.csv and provenance.json.
+  records.csv and provenance.json. Every record carries its job's label
+  (``sweep_jobs.job_labels``); the summary's rows are per job, info and norm,
+  aggregated by ``aggregate.py`` as ``clever.py`` does (``sweep_summary.py``,
+  docs/sweeps.md).
 """
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import os
 import signal
@@ -54,7 +56,8 @@ import common
 import resume
 import stage1
 from common import ToolError
-from sweep_jobs import MODEL_FLAGS, Job, Task, build_jobs, collect_args
+from sweep_jobs import MODEL_FLAGS, Job, Task, build_jobs, collect_args, collect_args_record
+from sweep_summary import summarize, write_outputs
 from sweep_worker import actor_class, pack, stage2_file
 
 log = logging.getLogger("clever.sweep")
@@ -67,10 +70,6 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 #: What --ship_code never uploads to the cluster (data, models and results travel as bytes).
 _CODE_EXCLUDES = [".venv", ".git", "data", "models", "lipschitz_mat", "results", "logs", "plots",
                   "__pycache__", "*.pyc", ".pytest_cache", "*.mat", "*.keras", "*.h5", "*.pb"]
-#: A K-S p-value above this does not reject the reverse Weibull fit (paper Table 5).
-KS_ALPHA = 0.05
-#: Bound norms of the summary, in print order (L1, L2, Li).
-_NORM_LABELS = ("L1", "L2", "Li")
 
 
 # --------------------------------------------------------------------------
@@ -370,7 +369,7 @@ class Sweep:
         """
         steady, trace = [], [0.0]
         for t in self.task_log:
-            if t["kind"] != "score" or t["job"] != job.name:
+            if t["kind"] != "score" or t["job"] != job.label:
                 continue
             n = max(1, t.get("iterations", 1))
             rest = t["compute_seconds"] - t["first_iteration_seconds"]
@@ -424,7 +423,7 @@ class Sweep:
         if slot in self.slots:
             self.deaths += 1
             log.warning("a worker of %s died (%s); its work goes to another worker",
-                        job.name, type(err).__name__)
+                        job.label, type(err).__name__)
             self._retire(slot, kill=False)
         if kind == "score":
             job.inflight -= 1
@@ -457,7 +456,7 @@ class Sweep:
 
     def _fail_task(self, t: Task, message: str) -> None:
         t.job.n_failed += len(t.pending)
-        log.error("%s: image %d failed (%s)", t.job.name, t.task.img_id, message)
+        log.error("%s: image %d failed (%s)", t.job.label, t.task.img_id, message)
         if self.bar is not None:
             self.bar.update(1)
         self._check_done(t.job)
@@ -484,13 +483,13 @@ class Sweep:
         for task in tasks:
             if not task.correct:
                 log.info("%s: image %d is misclassified (label %d, predicted %d): skipped",
-                         job.name, task.img_id, task.true_label, task.predicted)
+                         job.label, task.img_id, task.true_label, task.predicted)
         # Before any of the job's tasks: a file made with other settings stops the sweep
         # with one line (resume.py), nothing of the job's changed.
         check = resume.ResumeCheck(settings)
         work = stage1.plan_image_files(a, tasks, job.out_dir, check=check)
         if check.notice():
-            log.warning("%s: %s", job.name, check.notice())
+            log.warning("%s: %s", job.label, check.notice())
         os.makedirs(job.out_dir, exist_ok=True)
         if common.remove_stale_temp_files(job.out_dir):
             log.warning("removed temporary files of an earlier run that was killed in %s",
@@ -506,7 +505,7 @@ class Sweep:
         job.n_skipped = len(job.files) - pending
         if job.n_skipped:
             log.warning("%s: %d result files already exist in %s and are kept (resume)",
-                        job.name, job.n_skipped, job.out_dir)
+                        job.label, job.n_skipped, job.out_dir)
         for task, plist in work:
             job.queue.append(Task(job, pos[task.img_id], task, list(plist)))
         job.state = "running"
@@ -529,7 +528,7 @@ class Sweep:
         self.written += paths
         t.job.n_written += len(paths)
         write = time.perf_counter() - w0
-        self.task_log.append({"kind": "score", "job": t.job.name, "image": t.task.img_id,
+        self.task_log.append({"kind": "score", "job": t.job.label, "image": t.task.img_id,
                               "targets": [tg.label for tg, _ in t.pending], "files": paths,
                               "node": out["node"], "pid": out["pid"], "host": out["host"],
                               "attempt": t.attempt, "wall_seconds": wall,
@@ -560,17 +559,19 @@ class Sweep:
     def _stage2_done(self, payload, out: dict) -> None:
         job, path = payload
         if "error" in out:
-            self.stage2_errors.append({"model": job.name, "path": path, "error": out["error"]})
+            self.stage2_errors.append({"job": job.label, "model": job.name, "path": path,
+                                       "error": out["error"]})
             log.error("%s: stage 2: %s", path, out["error"])
         else:
-            out.update(model=job.name, dataset=job.args.dataset)
+            out.update(job=job.label, job_settings=job.label_settings, model=job.name,
+                       dataset=job.args.dataset)
             self.stage2.append(out)
-        self.task_log.append({"kind": "stage2", "job": job.name, "files": [path],
+        self.task_log.append({"kind": "stage2", "job": job.label, "files": [path],
                               "node": out.get("node", ""), "pid": out.get("pid", 0),
                               "worker_seconds": out.get("seconds", 0.0)})
 
     def _log_task(self, kind: str, job: Job, out: dict, wall: float) -> None:
-        self.task_log.append({"kind": kind, "job": job.name, "node": out.get("node", ""),
+        self.task_log.append({"kind": kind, "job": job.label, "node": out.get("node", ""),
                               "pid": out.get("pid", 0), "host": out.get("host", ""),
                               "wall_seconds": wall, "worker_seconds": out.get("seconds", 0.0)})
 
@@ -604,96 +605,6 @@ class Sweep:
                 self._retire(slot)
 
 
-# --------------------------------------------------------------------------
-# Summaries
-# --------------------------------------------------------------------------
-def summarize(records: list[dict]) -> list[dict]:
-    """Rows per (model, info, norm): mean/min CLEVER capped and uncapped, images, K-S pass rate.
-
-    An extra info ``untargeted`` per model takes, per image, the minimum over
-    its targets (CLEVER-u from the targets computed).
-    """
-    groups: dict = {}
-    for r in records:
-        for label, n in r["norms"].items():
-            groups.setdefault((r["model"], r["dataset"], r["info"], label), []).append((r, n))
-    per_image: dict = {}
-    for r in records:
-        for label, n in r["norms"].items():
-            key = (r["model"], r["dataset"], "untargeted", label)
-            best = per_image.setdefault(key, {}).get(r["id"])
-            if best is None or n["bound"] < best[1]["bound"]:
-                per_image[key][r["id"]] = (r, n)
-    for key, by_id in per_image.items():
-        if len({r["info"] for r, _ in by_id.values()}) >= 1 and len(
-                {(r["model"], r["info"]) for r in records if r["model"] == key[0]}) > 1:
-            groups[key] = list(by_id.values())
-    rows = []
-    for (model, dataset, info, label), items in sorted(
-            groups.items(), key=lambda kv: (kv[0][0], kv[0][2] == "untargeted", kv[0][2],
-                                            _NORM_LABELS.index(kv[0][3]))):
-        bounds = np.array([n["bound"] for _, n in items], np.float64)
-        uncapped = np.array([n["bound_uncapped"] for _, n in items], np.float64)
-        pvals = np.array([n["pval"] for _, n in items], np.float64)
-        rows.append({"model": model, "dataset": dataset, "info": info, "norm": label,
-                     "mean_clever": float(np.mean(bounds)), "min_clever": float(np.min(bounds)),
-                     "mean_clever_uncapped": float(np.mean(uncapped)),
-                     "min_clever_uncapped": float(np.min(uncapped)),
-                     "images": len({r["id"] for r, _ in items}), "files": len(items),
-                     "ks_pass_rate": float(np.mean(pvals > KS_ALPHA)),
-                     "fallbacks": int(sum(n["status"] not in ("fit", "maxsamp")
-                                          for _, n in items))})
-    return rows
-
-
-_SUMMARY_COLUMNS = ("model", "dataset", "info", "norm", "mean_clever", "min_clever",
-                    "mean_clever_uncapped", "min_clever_uncapped", "images", "files",
-                    "ks_pass_rate", "fallbacks")
-
-
-def _fmt(v) -> str:
-    return f"{v:.5g}" if isinstance(v, float) else str(v)
-
-
-def write_outputs(out: str, rows: list[dict], records: list[dict], provenance: dict) -> None:
-    import csv
-
-    import clever
-
-    os.makedirs(out, exist_ok=True)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(_SUMMARY_COLUMNS)
-    for row in rows:
-        w.writerow([row[c] for c in _SUMMARY_COLUMNS])
-    common.atomic_write_text(os.path.join(out, "summary.csv"), buf.getvalue())
-
-    md = ["| " + " | ".join(_SUMMARY_COLUMNS) + " |",
-          "|" + "|".join("---" for _ in _SUMMARY_COLUMNS) + "|"]
-    md += ["| " + " | ".join(_fmt(row[c]) for c in _SUMMARY_COLUMNS) + " |" for row in rows]
-    common.atomic_write_text(os.path.join(out, "summary.md"),
-                             "# CLEVER sweep\n\nBounds capped at the sampling radius "
-                             "(`_uncapped`: the original tool's numbers); K-S pass rate: "
-                             f"share of fits with p > {KS_ALPHA}.\n\n" + "\n".join(md) + "\n")
-
-    common.write_json(os.path.join(out, "records.json"), clever.json_safe(records))
-    fields = ("model", "dataset", "path", "id", "true_label", "target_label", "info", "order",
-              "g_x0", "node")
-    norm_fields = ("key", "estimate", "shape", "loc", "scale", "ks", "pval", "status", "bound",
-                   "bound_uncapped", "cap")
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(list(fields) + [f"{n}_{k}" for n in _NORM_LABELS for k in norm_fields])
-    for r in records:
-        row = [r.get(k, "") for k in fields]
-        for n in _NORM_LABELS:
-            rec = r["norms"].get(n, {})
-            row += ["" if rec.get(k) is None else rec.get(k, "") for k in norm_fields]
-        w.writerow(row)
-    common.atomic_write_text(os.path.join(out, "records.csv"), buf.getvalue())
-    common.write_json(os.path.join(out, "provenance.json"), clever.json_safe(provenance))
-
-
 def _raise_on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
@@ -721,15 +632,16 @@ def main(args) -> int:
         skipped = sum(j.n_skipped for j in jobs)
         failed = sum(j.n_failed for j in jobs) + sum(1 for j in jobs if j.error and not j.files
                                                      and j.n_failed == 0)
-        records = sorted(sweep.stage2, key=lambda r: (r["model"], r["info"], r["id"], r["path"]))
+        records = sorted(sweep.stage2, key=lambda r: (r["job"], r["info"], r["id"], r["path"]))
         rows = summarize(records)
         provenance = common.provenance(
             {k: v for k, v in vars(args).items() if k != "base"},
             ray_version=ray.__version__, cluster=sweep.cluster, workers=sweep.workers,
             gpus_per_worker=sweep.gpus, worker_versions=sweep.worker_versions,
-            jobs=[{"model": j.name, "token": j.token, "source": j.source,
-                   "out_dir": j.out_dir, "state": j.state, "error": j.error,
-                   "written": j.n_written, "skipped": j.n_skipped, "failed": j.n_failed,
+            jobs=[{"job": j.label, "label_settings": j.label_settings, "model": j.name,
+                   "token": j.token, "source": j.source, "out_dir": j.out_dir,
+                   "state": j.state, "error": j.error, "written": j.n_written,
+                   "skipped": j.n_skipped, "failed": j.n_failed,
                    "args": collect_args_record(j.args)} for j in jobs],
             worker_deaths=sweep.deaths, tasks=sweep.task_log,
             stage2_errors=sweep.stage2_errors, seconds=time.time() - started)
@@ -737,7 +649,7 @@ def main(args) -> int:
         for job, capped in sweep.capped.items():
             warning = stage1.power_cap_warning(capped, job.args.power_iters)
             if warning:
-                log.warning("%s: %s", job.name, warning)
+                log.warning("%s: %s", job.label, warning)
         if rows:
             print(f"[SWEEP] summary: {os.path.join(args.out, 'summary.csv')}", flush=True)
         print(f"sweep: {written} files written, {skipped} skipped, {failed} failed", flush=True)
@@ -756,12 +668,6 @@ def threading_main() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-def collect_args_record(a) -> dict:
-    if a is None:
-        return {}
-    return {k: common.jsonable(v) for k, v in vars(a).items()}
 
 
 if __name__ == "__main__":

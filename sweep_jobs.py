@@ -1,9 +1,11 @@
 """The jobs of a sweep: one per model, from --models or a --spec TOML file.
 
 Each job holds the ``collect_gradients.parse_args`` result for its model,
-the file or folder its model is loaded from on the workers, and the
-driver's bookkeeping (queue of image tasks, counts, Ray object refs).
-Pure argument handling: no Ray, no TensorFlow at import.
+the file or folder its model is loaded from on the workers, its label (the
+model plus the settings that tell it apart from the sweep's other jobs of
+that model: :func:`job_labels`), and the driver's bookkeeping (queue of image
+tasks, counts, Ray object refs). Pure argument handling: no Ray, no
+TensorFlow at import.
 """
 from __future__ import annotations
 
@@ -22,6 +24,11 @@ from common import ToolError
 MODEL_FLAGS = ("-m", "--model_name", "--model_path")
 #: Suffixes that name a model file rather than a zoo name.
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5", ".pb")
+#: Settings that change neither a job's files nor their numbers: never in a label.
+_UNLABELLED = ("overwrite", "quiet", "no_progress", "verbose",
+               "kinds")  # kinds: derived from --targets/--target_type, which are compared
+#: Where a job writes: in its label only when nothing else tells two jobs apart.
+_SAVE = "save"
 
 
 def collect_args(argv: Sequence[str], where: str):
@@ -51,6 +58,8 @@ class Job:
     index: int
     token: str                 # as written in --models / the spec
     name: str                  # output folder suffix (model name or file stem)
+    label: str = ""            # unique in the sweep: <dataset>_<name>[ key=value ...]
+    label_settings: dict = field(default_factory=dict)  # the key=value settings of the label
     args: argparse.Namespace | None = None   # collect_gradients.parse_args result
     source: str = ""           # file or folder shipped to the workers ('' for none)
     error: str = ""            # set when the job failed
@@ -161,7 +170,71 @@ def build_jobs(args) -> list[Job]:
             job.error, job.state = (f"{job.token}: writes into {job.out_dir} like "
                                     f"{seen[job.out_dir]}; list each model once"), "failed"
         seen.setdefault(job.out_dir, job.token)
+    labelled = [j for j in jobs if not j.error]
+    named = job_labels([(os.path.basename(j.out_dir), collect_args_record(j.args))
+                        for j in labelled])
+    for job, (label, settings) in zip(labelled, named):
+        job.label, job.label_settings = label, settings
+    for job in jobs:
+        job.label = job.label or job.name
     return jobs
+
+
+def collect_args_record(a) -> dict:
+    """A job's collect_gradients arguments as JSON values (enums by value)."""
+    if a is None:
+        return {}
+    return {k: common.jsonable(v) for k, v in vars(a).items()}
+
+
+def _setting_text(value) -> str:
+    if value is None:
+        return "default"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def job_labels(entries: Sequence[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """A unique label for each job and the settings that tell it apart.
+
+    ``entries``: per job, its base name ``<dataset>_<model>`` and its settings
+    (collect_gradients arguments as JSON values). A job alone with its base
+    name is labelled by that name, with no settings; jobs sharing one get
+    ``<base> key=value ...`` for every setting in which they differ (in the
+    settings' order; the output folder only when nothing else differs, and
+    never the settings that change no number, such as ``--overwrite``).
+    Returns (label, {key: value}) per entry, in order.
+    """
+    by_base: dict[str, list[int]] = {}
+    for k, (base, _) in enumerate(entries):
+        by_base.setdefault(base, []).append(k)
+    out: list[tuple[str, dict]] = [(base, {}) for base, _ in entries]
+    for base, members in by_base.items():
+        if len(members) < 2:
+            continue
+        settings = [entries[k][1] for k in members]
+        keys = [key for key in settings[0] if key not in _UNLABELLED]
+        keys += [key for s in settings[1:] for key in s
+                 if key not in keys and key not in _UNLABELLED]
+        differ = [key for key in keys
+                  if len({repr(s.get(key)) for s in settings}) > 1]
+        if any(key != _SAVE for key in differ):
+            differ = [key for key in differ if key != _SAVE]
+        for k, s in zip(members, settings):
+            chosen = {key: s.get(key) for key in differ}
+            text = " ".join(f"{key}={_setting_text(v)}" for key, v in chosen.items())
+            out[k] = (f"{base} {text}" if text else base, chosen)
+    # Settings that print alike (or none left to print): numbered, so labels stay unique.
+    counts: dict[str, int] = {}
+    for label, _ in out:
+        counts[label] = counts.get(label, 0) + 1
+    seen: dict[str, int] = {}
+    for k, (label, chosen) in enumerate(out):
+        if counts[label] > 1:
+            seen[label] = seen.get(label, 0) + 1
+            out[k] = (f"{label} #{seen[label]}", chosen)
+    return out
 
 
 def _model_source(job: Job) -> str:

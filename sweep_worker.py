@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import os
 import platform
 import shutil
@@ -22,6 +21,7 @@ import time
 
 import numpy as np
 
+import aggregate
 import common
 from common import ToolError
 
@@ -306,16 +306,12 @@ def stage2_file(name: str, data: bytes, method: str, shape_reg: float) -> dict:
         norms = {}
         for norm, samples in f.maxima.items():
             fit = clever.fit_reverse_weibull(samples, method, shape_reg)
-            if f.order == 1:
-                uncapped = clever.clever_bound(f.g_x0, fit.estimate)
-            else:
-                uncapped = clever.second_order_bound(f.g_x0, f.grad_norm, fit.estimate)
-            cap = clever.cap_for(f.radius, f.sample_norm, norm, f.dim)
-            bound = uncapped if cap is None or math.isnan(uncapped) else min(uncapped, cap)
+            b = aggregate.file_bound(f.order, f.g_x0, fit.estimate, f.radius, f.sample_norm,
+                                     norm, f.dim, f.grad_norm)
             norms[norm.label] = {"key": f.keys[norm], "estimate": fit.estimate,
                                  "shape": fit.shape, "loc": fit.loc, "scale": fit.scale,
                                  "ks": fit.ks, "pval": fit.pval, "status": fit.status.value,
-                                 "bound": bound, "bound_uncapped": uncapped, "cap": cap}
+                                 "bound": b.bound, "bound_uncapped": b.uncapped, "cap": b.cap}
         return {"path": name, "id": f.img_id, "true_label": f.true_label,
                 "target_label": f.target_label, "info": f.info, "order": f.order,
                 "g_x0": f.g_x0, "radius": f.radius,

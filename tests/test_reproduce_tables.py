@@ -345,7 +345,8 @@ def test_clever_rows_take_the_minimum_over_classes_and_filter_ids():
              _summary_record(0, "top2", 7, 0.4, 0.03), _summary_record(5, "least", 4, 2.0, 0.1)]
     unt = pt.clever_rows(recs, "m", ids=[0], untargeted=True)
     assert len(unt) == 1 and unt[0]["clever_L2"] == 1.0 and unt[0]["clever_Li"] == 0.1
-    assert unt[0]["n_classes"] == 3 and unt[0]["target"] == -1
+    # three class files and the true class
+    assert unt[0]["n_classes"] == 4 and unt[0]["target"] == -1
     tgt = pt.clever_rows(recs, "m", ids=[0, 5])
     assert [(r["id"], r["kind"], r["target"]) for r in tgt] == [(0, "top2", 7), (5, "least", 4)]
 

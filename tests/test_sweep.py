@@ -6,6 +6,7 @@ equal collect_gradients.py's bit for bit; faults (a worker killed mid-sweep,
 the driver killed with SIGKILL, a model that does not load) must lose nothing
 and write nothing twice.
 """
+import csv
 import glob
 import json
 import os
@@ -23,6 +24,8 @@ ray = pytest.importorskip("ray")
 import collect_gradients  # noqa: E402
 import resume  # noqa: E402
 import sweep  # noqa: E402
+import sweep_summary  # noqa: E402
+from sweep_summary import MIN_OVER_TARGETS, UNTARGETED  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["-d", "digits", "-N", "16", "-i", "5", "--no_progress", "-q"]
@@ -114,8 +117,11 @@ def test_sweep_matches_collect_gradients_on_two_nodes(cluster, tmp_path, linear_
     states = {j["model"]: j["state"] for j in prov["jobs"]}
     assert states == {"linear": "done", "broken": "failed", "lintanh": "done"}
     summary = open(out / "summary.csv").read().splitlines()
-    assert summary[0].startswith("model,dataset,info,norm,mean_clever,min_clever")
-    assert {row.split(",")[0] for row in summary[1:]} == {"linear", "lintanh"}
+    assert summary[0].startswith("job,model,dataset,info,norm,mean_clever,min_clever")
+    rows = list(csv.DictReader(summary))
+    # one job per model: the job is the model's output folder name
+    assert {(r["job"], r["model"]) for r in rows} == {("digits_linear", "linear"),
+                                                      ("digits_lintanh", "lintanh")}
     # Stage 2 agrees with clever.py's own fit of the same file.
     import clever
 
@@ -293,3 +299,139 @@ def test_a_rerun_with_another_radius_is_refused_before_its_tasks(cluster, tmp_pa
     assert run_cli(sweep.main, sweep.parse_args, argv + SMALL + ["--radius", "0.5", "--overwrite"],
                    prog="sweep.py") == 0
     assert resume.recorded_settings(files[0])["radius"] == 0.5
+
+
+# --------------------------------------------------------------------------
+# Summaries per job
+# --------------------------------------------------------------------------
+def test_job_labels_name_the_settings_that_differ():
+    from sweep_jobs import job_labels
+
+    labels = job_labels([
+        ("digits_m", {"radius": 0.5, "seed": 1, "save": "a", "overwrite": False}),
+        ("digits_m", {"radius": None, "seed": 1, "save": "b", "overwrite": True}),
+        ("digits_other", {"radius": 0.5, "save": "a"}),
+        ("digits_twice", {"seed": 3, "save": "a"}),
+        ("digits_twice", {"seed": 3, "save": "b"})])
+    assert labels == [("digits_m radius=0.5", {"radius": 0.5}),
+                      ("digits_m radius=default", {"radius": None}),
+                      ("digits_other", {}),            # alone with its model: no settings
+                      ("digits_twice save=a", {"save": "a"}),   # nothing else tells them apart
+                      ("digits_twice save=b", {"save": "b"})]
+
+
+def _stage2_record(job, img, info, target, l2, pval=0.5, status="fit"):
+    norms = {label: {"bound": min(v, 1.0), "bound_uncapped": v, "pval": pval, "status": status}
+             for label, v in (("L1", 10 * l2), ("L2", l2), ("Li", l2 / 10))}
+    return {"job": job, "model": "m", "dataset": "digits", "id": img, "info": info,
+            "target_label": target, "norms": norms}
+
+
+def _row(rows, job, info, norm):
+    found = [r for r in rows if (r["job"], r["info"], r["norm"]) == (job, info, norm)]
+    assert len(found) == 1, (job, info, norm, rows)
+    return found[0]
+
+
+def test_summarize_keeps_jobs_apart_and_names_its_minimum_rows():
+    a, b, u = "digits_m radius=0.5", "digits_m radius=2.0", "digits_u"
+    recs = [_stage2_record(a, 0, "top2", 3, 0.4), _stage2_record(a, 0, "least", 5, 0.9),
+            _stage2_record(a, 1, "top2", 2, 0.6, pval=0.01),
+            _stage2_record(a, 1, "least", 7, 0.2, status="ill_conditioned"),
+            # job b: the same model and images, smaller bounds: never in a's minima
+            _stage2_record(b, 0, "top2", 3, 0.1), _stage2_record(b, 0, "least", 5, 0.05),
+            _stage2_record(b, 1, "top2", 2, 0.15), _stage2_record(b, 1, "least", 7, 0.12)]
+    recs += [_stage2_record(u, 0, f"class{j}", j, 0.3 + 0.1 * j) for j in (0, 2, 3)]
+    rows = sweep_summary.summarize(recs)
+    assert len([r for r in rows if r["info"] == "top2"]) == 6      # 3 norms x 2 jobs
+    top2 = _row(rows, a, "top2", "L2")
+    assert top2["mean_clever"] == pytest.approx(0.5, rel=1e-15) and top2["min_clever"] == 0.4
+    assert (top2["images"], top2["files"], top2["ks_pass_rate"]) == (2, 2, 0.5)
+    # per image the minimum over top2 and least, then over images: (0.4 + 0.2) / 2
+    low = _row(rows, a, MIN_OVER_TARGETS, "L2")
+    assert low["mean_clever"] == pytest.approx(0.3, rel=1e-15) and low["min_clever"] == 0.2
+    assert (low["images"], low["files"], low["fallbacks"]) == (2, 4, 1)
+    # capped and uncapped are minimised field by field: L1 bounds 4, 9 / 6, 2 capped at 1
+    low1 = _row(rows, a, MIN_OVER_TARGETS, "L1")
+    assert (low1["mean_clever"], low1["mean_clever_uncapped"]) == pytest.approx((1.0, 3.0))
+    assert _row(rows, b, MIN_OVER_TARGETS, "L2")["mean_clever"] == pytest.approx(0.085)
+    # only the class<j> job has an untargeted row, and no per-class or min_over_targets rows
+    assert {r["info"] for r in rows if r["job"] == u} == {UNTARGETED}
+    unt = _row(rows, u, UNTARGETED, "L2")
+    assert (unt["mean_clever"], unt["images"], unt["files"]) == (0.3, 1, 3)
+    assert not [r for r in rows if r["job"] != u and r["info"] == UNTARGETED]
+
+
+def _clever_summary(folder, path, *flags):
+    import clever
+
+    assert clever.main(clever.parse_args([str(folder), "--summary", str(path), "--nthreads", "1",
+                                          *flags])) == 0
+    return json.load(open(path))
+
+
+def _check_rows_against_clever(rows, doc, info):
+    """A job's sweep rows under ``info`` equal clever.py's aggregates and per-file records."""
+    agg = {a["info"]: a for a in doc["aggregates"] if a["level"] == "L0"}[
+        "untargeted" if info in (MIN_OVER_TARGETS, UNTARGETED) else info]
+    for row in rows:
+        assert float(row["mean_clever"]) == pytest.approx(agg[f"clever_{row['norm']}"],
+                                                          rel=1e-9), row
+    if info not in (MIN_OVER_TARGETS, UNTARGETED):
+        for row in rows:
+            norms = [r["norms"][row["norm"]] for r in doc["records"] if r["info"] == info]
+            assert int(row["files"]) == len(norms)
+            assert float(row["min_clever"]) == pytest.approx(min(n["bound"] for n in norms),
+                                                             rel=1e-9)
+            assert float(row["mean_clever_uncapped"]) == pytest.approx(
+                np.mean([n["bound_uncapped"] for n in norms]), rel=1e-9)
+
+
+def test_two_jobs_of_one_model_get_their_own_rows(cluster, tmp_path, linear_model_path,
+                                                  tanh_model_path, capsys):
+    """Two jobs of one model file that differ only in radius: separate rows, each equal to
+    clever.py on that job's own folder; a --targets all job gets the untargeted row."""
+    spec = tmp_path / "sweep.toml"
+    targets = '["top2", "random", "least"]'
+    spec.write_text(
+        f'[defaults]\nnumimg = 2\n\n'
+        f'[[job]]\nmodels = ["{tanh_model_path}"]\nradius = 0.5\ntargets = {targets}\n'
+        f'save = "{tmp_path}/a"\n\n'
+        f'[[job]]\nmodels = ["{tanh_model_path}"]\nradius = 2.0\ntargets = {targets}\n'
+        f'save = "{tmp_path}/b"\n\n'
+        f'[[job]]\nmodels = ["{linear_model_path}"]\ntargets = ["all"]\nnumimg = 1\n'
+        f'save = "{tmp_path}/c"\n')
+    out = tmp_path / "out"
+    args = sweep.parse_args(["--address", cluster.address, "--workers", "2", "--spec", str(spec),
+                             "--out", str(out)] + SMALL)
+    assert sweep.main(args) == 0
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    jobs = {"digits_lintanh radius=0.5": tmp_path / "a",
+            "digits_lintanh radius=2.0": tmp_path / "b"}
+    assert len([r for r in rows if r["info"] == "top2"]) == 6
+    assert {r["job"] for r in rows} == set(jobs) | {"digits_linear"}
+    assert {r["model"] for r in rows if r["job"] in jobs} == {"lintanh"}
+    for rec in json.load(open(out / "records.json")):
+        assert rec["job_settings"] == ({"radius": 0.5} if rec["job"].endswith("0.5") else
+                                       {"radius": 2.0} if rec["job"] in jobs else {})
+    for job, save in jobs.items():
+        folder = save / "digits_lintanh"
+        targeted = _clever_summary(folder, tmp_path / "t.json")
+        per_image = _clever_summary(folder, tmp_path / "u.json", "--untargeted")
+        for info in ("least", "random", "top2", MIN_OVER_TARGETS):
+            mine = [r for r in rows if (r["job"], r["info"]) == (job, info)]
+            assert [r["norm"] for r in mine] == ["L1", "L2", "Li"]
+            _check_rows_against_clever(mine, per_image if info == MIN_OVER_TARGETS
+                                       else targeted, info)
+        assert not [r for r in rows if (r["job"], r["info"]) == (job, UNTARGETED)]
+    # the radius changes the numbers: the two jobs were not merged into one
+    a, b = ([float(r["mean_clever_uncapped"]) for r in rows
+             if (r["job"], r["info"], r["norm"]) == (job, "top2", "L2")][0] for job in jobs)
+    assert a != b
+    unt = [r for r in rows if r["job"] == "digits_linear"]
+    assert [(r["info"], r["norm"]) for r in unt] == [(UNTARGETED, n)
+                                                     for n in ("L1", "L2", "Li")]
+    assert {int(r["files"]) for r in unt} == {9}          # every other class of a 10-class model
+    doc = _clever_summary(tmp_path / "c" / "digits_linear", tmp_path / "c.json", "--untargeted")
+    assert [a["n_classes"] for a in doc["aggregates"] if a["level"] == "L1"] == [10]
+    _check_rows_against_clever(unt, doc, UNTARGETED)
