@@ -1,0 +1,94 @@
+"""Figures of stage 2: one fit's histogram and pdf, a run's scores per image.
+
+matplotlib on an Agg canvas (no display needed), imported only when a figure
+is asked for.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from common import Norm
+from weibull_fit import FitResult, FitStatus
+
+if TYPE_CHECKING:
+    import stage2
+
+
+# --------------------------------------------------------------------------
+# Figures (matplotlib, Agg canvas; imported only when asked for)
+# --------------------------------------------------------------------------
+def _figure(width: float = 6.4, height: float = 4.8):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_fit(samples: np.ndarray, fit: FitResult, path: str, label: str = "") -> None:
+    """Histogram of -S with the fitted weibull_min pdf, titled with c, loc, scale, ks, pVal."""
+    from scipy.stats import weibull_min
+
+    s = np.asarray(samples, dtype=np.float64).ravel()
+    s = s[np.isfinite(s)]
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    if s.size:
+        ax.hist(-s, bins=20, density=True, histtype="stepfilled", alpha=0.5,
+                label="-S (batch maxima)")
+    if fit.status is FitStatus.FIT:
+        lo, hi = -1.01 * float(s.max()), -0.99 * float(s.min())
+        lo, hi = min(lo, hi, fit.loc), max(lo, hi)
+        x = np.linspace(lo, hi, 200)
+        with np.errstate(all="ignore"):
+            ax.plot(x, weibull_min.pdf(x, fit.shape, fit.loc, fit.scale), "r-",
+                    label="fitted weibull_min pdf")
+        title = (f"c = {fit.shape:.2f}, loc = {fit.loc:.4g}, scale = {fit.scale:.4g}, "
+                 f"ks = {fit.ks:.2f}, pVal = {fit.pval:.2f}")
+    else:
+        title = f"no fit ({fit.status.value}): estimate = max(S) = {fit.estimate:.4g}"
+    if math.isfinite(fit.estimate):
+        ax.axvline(-fit.estimate, color="k", linestyle="--", label="-estimate")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("-(maximum gradient norm)")
+    ax.set_ylabel("pdf")
+    if label:
+        fig.suptitle(label, fontsize=8)
+    ax.legend(loc="best", frameon=False, fontsize=8)
+    fig.savefig(path)
+
+
+def plot_summary(result: "stage2.RunResult", path: str) -> None:
+    """Per image, the CLEVER L2 score of every target (and the minimum if untargeted)."""
+    fig = _figure(max(6.4, 0.25 * len({fs.file.img_id for fs in result.files}) + 2), 4.8)
+    ax = fig.add_subplot(1, 1, 1)
+    images = sorted({fs.file.img_id for fs in result.files})
+    position = {img: i for i, img in enumerate(images)}
+    series: dict[str, tuple[list, list]] = {}
+    for fs in result.files:
+        name = "per class" if result.options.untargeted else fs.file.info
+        xs, ys = series.setdefault(name, ([], []))
+        xs.append(position[fs.file.img_id])
+        ys.append(result.reported(fs.scores[Norm.L2]))
+    markers = "os^vDP*X"
+    for i, (name, (xs, ys)) in enumerate(sorted(series.items())):
+        offset = 0.0 if result.options.untargeted else (i - (len(series) - 1) / 2) * 0.15
+        ax.scatter(np.asarray(xs) + offset, ys, s=18, marker=markers[i % len(markers)],
+                   label=name, alpha=0.8)
+    per_image = [a for a in result.aggregates if a.level == "L1"]
+    if per_image:
+        ax.plot([position[a.image] for a in per_image], [a.values[Norm.L2] for a in per_image],
+                "k_", markersize=14, label="CLEVER-u (min)")
+    ax.set_xticks(range(len(images)))
+    ax.set_xticklabels([str(i) for i in images], rotation=90, fontsize=7)
+    ax.set_xlabel("image id")
+    ax.set_ylabel("CLEVER L2 score" + ("" if result.options.radius_cap else " (uncapped)"))
+    ax.set_title(f"CLEVER L2 per target ({result.options.method.value}, order {result.order})")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
