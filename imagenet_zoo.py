@@ -25,7 +25,6 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
