@@ -1,4 +1,4 @@
-"""The ImageNet model zoo of the CLEVER toolkit: Keras applications and the original's frozen graphs.
+"""The ImageNet model zoo of CLEVER: Keras applications and the original's frozen graphs.
 
 Models take float32 ``[N, S, S, 3]`` RGB images in [-0.5, 0.5] and output
 logits, as stage 1 expects everywhere else in the toolkit.

@@ -1,11 +1,13 @@
-"""The per-image work of stage 1, shared by collect_gradients.py and sweep.py.
+"""The per-image work of stage 1, shared by stage1_run.py and the sweep.
 
 One core, two drivers: :func:`score_image` runs the iterations of one image
 for all its pending targets and returns the per-target arrays;
 :func:`mat_record` turns one (image, target) result into every key of its
 ``.mat`` file (docs/format.md plus this toolkit's provenance keys);
-:func:`plan_image_files` lists the files still to write. The drivers keep
-argument handling, printing and writing files.
+:func:`plan_image_files` lists the files still to write; :func:`image_ids`,
+:func:`estimator_options` and :func:`run_settings` are the run's other
+pieces both drivers need. Every function takes the run's
+``settings.Stage1Settings``; the drivers keep printing and writing files.
 
 TensorFlow-free at import: the estimator is passed in, and
 ``estimate_gradient_norm`` is imported only when an image is scored.

@@ -3,9 +3,9 @@
 :class:`ModelWorker` (wrapped as a Ray actor by :func:`actor_class`) loads one
 model from bytes the driver shipped, compiles it once, and scores (image,
 targets) tasks with ``stage1.score_image`` and ``stage1.mat_record``, the
-functions ``stage1_run.collect`` (``collect_gradients.py``) runs; it returns the arrays of each ``.mat``
-file and never writes one. :func:`stage2_file` is the stage-2 Ray task of one
-file. :func:`pack`/:func:`unpack` move a model file or folder as bytes.
+functions ``stage1_run.collect`` (``collect_gradients.py``) runs; it returns
+the arrays of each ``.mat`` file and never writes one. :func:`stage2_file` is
+the stage-2 Ray task of one file. :func:`pack`/:func:`unpack` move a model file or folder as bytes.
 """
 from __future__ import annotations
 
