@@ -32,7 +32,8 @@ import common
 from aggregate import Reduce, cap_for, clever_bound, second_order_bound  # noqa: F401
 from common import Norm, ToolError  # noqa: F401
 from stage2 import (Aggregate, FileScore, NormScore, Options, RunResult,  # noqa: F401
-                    file_records, json_safe, reported_bound, score_folder, write_summary)
+                    file_records, json_safe, reported_bound, score_files, score_folder,
+                    write_summary)
 from stage2_files import (BOUND_NORMS, FileError, StageOneFile,  # noqa: F401
                           find_mat_files, is_untargeted_info, load_stage1_file)
 from stage2_plots import plot_fit, plot_summary  # noqa: F401

@@ -146,7 +146,7 @@ def _run_task(task: _FitTask) -> tuple[int, Norm, FitResult | None, str, str]:
 
 def _plot_name(folder: str, path: str, norm: Norm, use_slope: bool) -> str:
     """``<relative path with / as __>_<L1|L2|Li>[_slope].png`` (unique per fit)."""
-    rel = os.path.relpath(path, folder)
+    rel = os.path.relpath(path, folder) if folder else os.path.basename(path)
     stem = rel[:-4] if rel.endswith(".mat") else rel
     stem = stem.replace(os.sep, "__")
     return f"{stem}_{norm.label}{'_slope' if use_slope else ''}.png"
@@ -243,7 +243,6 @@ def score_folder(folder: str, options: Options = Options()) -> RunResult:
     the other files are still scored. Prints nothing (a tqdm bar on stderr if
     ``options.progress``); with ``options.plot_dir`` writes one PNG per fit.
     """
-    method = Method(options.method)
     paths = find_mat_files(folder, options.match)
     errors: list[tuple[str, str]] = []
     loaded = []
@@ -254,12 +253,29 @@ def score_folder(folder: str, options: Options = Options()) -> RunResult:
                                            user_type=options.user_type))
         except FileError as err:
             errors.append((err.path, err.message))
-    files, order, skipped = _select(loaded, options, errors)
+    return score_files(loaded, options, folder=folder, errors=errors)
+
+
+def score_files(loaded: Sequence[StageOneFile], options: Options = Options(), *,
+                folder: str = "", errors: Sequence[tuple[str, str]] = ()) -> RunResult:
+    """:func:`score_folder` on files already read (from disk or from memory).
+
+    ``loaded``: :class:`StageOneFile` values (``stage2_files.load_stage1_file``
+    or ``stage2_files.stage1_file_from_mapping``); ``folder``: where plot names
+    are made relative to; ``errors``: (path, message) pairs of files that could
+    not be read, reported with the fits' errors. Same selection, fits and
+    aggregation as a folder, so a result from memory equals the one from its
+    files.
+    """
+    method = Method(options.method)
+    errors = list(errors)
+    files, order, skipped = _select(list(loaded), options, errors)
     if skipped:
         log.info("skipped %d untargeted (class<j>) files; use --untargeted for them",
                  len(skipped))
     if not files and not errors:
-        raise ToolError(f"{folder}: only untargeted (info class<j>) files; use --untargeted")
+        raise ToolError(f"{folder or 'the files'}: only untargeted (info class<j>) files; "
+                        "use --untargeted")
 
     if options.plot_dir:
         os.makedirs(options.plot_dir, exist_ok=True)

@@ -216,14 +216,27 @@ def load_stage1_file(path: str, *, use_slope: bool = False, num_samples: int = 0
     import scipy.io
 
     try:
-        name = common.MatName.parse(path)
-    except ToolError:
-        name = None
-    try:
         mat = scipy.io.loadmat(path, simplify_cells=True)
     except Exception as err:  # noqa: BLE001 - any reader failure means a bad file
         raise FileError(path, f"cannot read the .mat file ({type(err).__name__}: {err})") from None
+    return stage1_file_from_mapping(mat, path, use_slope=use_slope, num_samples=num_samples,
+                                    user_type=user_type)
 
+
+def stage1_file_from_mapping(mat: Mapping, path: str, *, use_slope: bool = False,
+                             num_samples: int = 0, user_type: str = "") -> StageOneFile:
+    """A :class:`StageOneFile` from the keys of a ``.mat`` file held in memory.
+
+    ``mat``: what ``scipy.io.loadmat(..., simplify_cells=True)`` returns, or
+    the dict ``stage1.mat_record`` builds before writing it (the Python API
+    scores that without a file). ``path`` names it in messages; when it is not
+    a stage-1 file name, the id, labels and info come from the keys. Raises
+    :class:`FileError` as :func:`load_stage1_file` does.
+    """
+    try:
+        name = common.MatName.parse(path)
+    except ToolError:
+        name = None
     try:
         key_order = 2 if "H2_max" in mat else 1 if "G2_max" in mat or "L2_max" in mat else None
         if key_order is None:
