@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -81,9 +81,10 @@ def load_model(settings: Stage1Settings):
                              model_path=settings.model_path, models_dir=settings.models_dir)
 
 
-def load(settings: Stage1Settings, model=None, images=None, labels=None) -> Loaded:
+def load(settings: Stage1Settings, model=None, images=None, labels=None,
+         user_targets=None) -> Loaded:
     """The model and images of a run (see :func:`collect` for ``model``, ``images``,
-    ``labels``). Dataset images are mapped onto ``settings.data_range``."""
+    ``labels``, ``user_targets``). Dataset images are mapped onto ``settings.data_range``."""
     label_offset = 0
     label = settings.model_label
     if model is not None:
@@ -107,7 +108,8 @@ def load(settings: Stage1Settings, model=None, images=None, labels=None) -> Load
             if len(labels) != len(images):
                 raise ToolError(f"labels: {len(labels)} labels for {len(images)} images")
             test_labels = labels  # class indices; one-hot once the classes are known
-        return Loaded(model, label, images, test_labels, ids, {}, label_offset)
+        mine = {int(i): [int(j) for j in t] for i, t in (user_targets or {}).items()}
+        return Loaded(model, label, images, test_labels, ids, mine, label_offset)
     if settings.dataset == "imagenet":
         import imagenet_data
 
@@ -131,7 +133,8 @@ def load(settings: Stage1Settings, model=None, images=None, labels=None) -> Load
 
 
 def collect(settings: Stage1Settings, *, model=None, images: np.ndarray | None = None,
-            labels: np.ndarray | None = None, out_dir: str | None = None,
+            labels: np.ndarray | None = None,
+            user_targets: "Mapping[int, Sequence[int]] | None" = None, out_dir: str | None = None,
             on_file: Callable[[FileResult], None] | None = None, progress: bool = False,
             on_tasks: Callable[[list], None] | None = None,
             on_iteration: Callable[[object, list, object], None] | None = None
@@ -149,6 +152,9 @@ def collect(settings: Stage1Settings, *, model=None, images: np.ndarray | None =
             all examined, with ids 0..n-1.
         labels: None or int [n] true labels of ``images``; None with ``images``:
             the model's predicted class is taken as the true label.
+        user_targets: with ``images`` only: {index: [target classes]} for the
+            ``user`` target kind (``targets="user"``), as an ids file gives
+            them for dataset images.
         out_dir: None writes nothing; a folder gets the usual ``.mat`` files,
             with the CLI's resume checks (an existing file made with other
             settings stops the run before anything changes; one made with these
@@ -172,7 +178,10 @@ def collect(settings: Stage1Settings, *, model=None, images: np.ndarray | None =
                     "nothing (the original marked it unsupported)")
     sampler = BallSampler.create(s.sample_norm, s.radius, s.uniform_ball, s.data_range)
     common.set_seed(s.seed)  # before building: --weights random is reproducible
-    loaded = load(s, model, images, labels)
+    if user_targets and images is None:
+        raise ToolError("user_targets: only with explicit images (dataset images take "
+                        "theirs from --ids)")
+    loaded = load(s, model, images, labels, user_targets)
     model = loaded.model
     from estimate_gradient_norm import GradientNormEstimator
 
