@@ -235,3 +235,32 @@ def test_score_arrays_recovers_a_known_location_and_equals_a_file(tmp_path):
     for norm, score in folder.files[0].scores.items():
         assert out[norm.label].bound == folder.reported(score)
         assert clever.score_maxima(record)[norm.label].bound == folder.reported(score)
+
+
+@pytest.mark.parametrize("lo, hi", [(0.0, 1.0), (0.0, 255.0)])
+def test_model_in_its_own_range(linear_weights, lo, hi):
+    """A [-0.5, 0.5] network behind a Rescaling layer, scored on [lo, hi] images with
+    data_range=(lo, hi): the inner network's bounds times the range's width."""
+    import keras
+
+    import clever
+    import models
+
+    w, b = linear_weights
+    inner_in = keras.Input((28, 28, 1))
+    dense = keras.layers.Dense(10, activation="tanh")
+    inner = keras.Model(inner_in, dense(keras.layers.Flatten()(inner_in)))
+    dense.set_weights([w, b])
+    outer_in = keras.Input((28, 28, 1))
+    to_inner = keras.layers.Rescaling(1.0 / (hi - lo), offset=-0.5 - lo / (hi - lo))
+    outer = keras.Model(outer_in, inner(to_inner(outer_in)))
+    x = models.load_dataset("digits").test_data[:2]
+    kw = dict(Nsamps=16, Niters=6, seed=4)
+    ref = clever.clever_t(inner, x, "top2", **kw)
+    out = clever.clever_t(outer, (x + 0.5) * (hi - lo) + lo, "top2", data_range=(lo, hi), **kw)
+    for r, o in zip(ref, out):
+        assert o.target == r.target
+        for norm in ("L1", "L2", "Li"):
+            assert o.norms[norm].bound == pytest.approx(r.norms[norm].bound * (hi - lo),
+                                                        rel=1e-4)
+        assert o.settings["data_range"] == [lo, hi]
