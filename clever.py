@@ -31,6 +31,8 @@ from typing import Sequence
 import common
 from aggregate import Reduce, cap_for, clever_bound, second_order_bound  # noqa: F401
 from common import Norm, ToolError  # noqa: F401
+from api import (CleverResult, NormResult, clever_batch, clever_t, clever_u,  # noqa: F401
+                 score_arrays, score_maxima)
 from stage2 import (Aggregate, FileScore, NormScore, Options, RunResult,  # noqa: F401
                     file_records, json_safe, reported_bound, score_files, score_folder,
                     write_summary)

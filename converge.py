@@ -43,12 +43,7 @@ import numpy as np
 
 from common import ToolError
 
-try:  # stage 2's fit; older trees had it in clever.py, without ``penalize``
-    from weibull_fit import FitStatus, fit_reverse_weibull
-    _HAS_PENALIZE = True
-except ImportError:  # pragma: no cover - depends on the tree's state
-    from clever import FitStatus, fit_reverse_weibull
-    _HAS_PENALIZE = False
+from weibull_fit import FitStatus, fit_reverse_weibull
 
 #: Default minimum K-S p-value of an accepted fit (the issue's 0.05).
 MIN_PVALUE = 0.05
@@ -195,9 +190,8 @@ class ConvergenceRule:
 
     def fit(self, samples: np.ndarray):
         """Stage 2's fit of one column of maxima with this rule's settings."""
-        extra = {"penalize": self.penalize} if _HAS_PENALIZE else {}
         return fit_reverse_weibull(samples, method=self.method, shape_reg=self.shape_reg,
-                                   **extra)
+                                   penalize=self.penalize)
 
     def to_dict(self) -> dict:
         """The rule's parameters (JSON-ready), for provenance."""
@@ -318,32 +312,19 @@ def provenance(rule: ConvergenceRule | None, niters_used: int, niters: int,
 
 
 # --------------------------------------------------------------------------
-# Command-line flags, shared by collect_gradients.py and sweep.py
+# The rule of a run's settings (settings.Stage1Settings)
 # --------------------------------------------------------------------------
-def add_arguments(group) -> None:
-    """Add --converge, --min_iters and --check_every to an argparse group."""
-    d = ConvergenceRule(tol=0.01)
-    group.add_argument("--converge", type=float, default=None, metavar="TOL",
-                       help="stop an image early once every Lipschitz estimate (stage 2's fit, "
-                            "every target and norm) moved between checks by less than TOL "
-                            "(relative, e.g. 0.01) or less than its own sampling noise (see "
-                            "--converge_noise), and its K-S p-value is above "
-                            f"{d.min_pvalue:g}; default: off, all --Niters batches (the original)")
-    group.add_argument("--min_iters", type=int, default=d.min_iters,
-                       help="--converge: batches before the first check")
-    group.add_argument("--check_every", type=int, default=d.check_every,
-                       help="--converge: batches between checks")
-    group.add_argument("--converge_noise", type=float, default=d.noise_factor, metavar="F",
-                       help="--converge: a move smaller than F times the estimate's sampling "
-                            "noise (fits of the even and of the odd batches) also counts as "
-                            "converged; 0: only TOL (default %(default)s)")
-
-
-def rule_from_args(args) -> ConvergenceRule | None:
-    """The rule of the --converge flags (None without --converge); ToolError names a bad flag."""
-    if getattr(args, "converge", None) is None:
+def rule_from_values(converge: float | None, min_iters: int = 100, check_every: int = 25,
+                     converge_noise: float = 2.0) -> ConvergenceRule | None:
+    """The rule of the --converge, --min_iters, --check_every and --converge_noise values
+    (None without --converge); ToolError names a bad flag."""
+    if converge is None:
         return None
-    return ConvergenceRule(tol=float(args.converge), min_iters=int(args.min_iters),
-                           check_every=int(args.check_every),
-                           noise_factor=float(getattr(args, "converge_noise",
-                                                      ConvergenceRule.noise_factor)))
+    return ConvergenceRule(tol=float(converge), min_iters=int(min_iters),
+                           check_every=int(check_every), noise_factor=float(converge_noise))
+
+
+def rule_from_settings(settings) -> ConvergenceRule | None:
+    """The rule of a ``settings.Stage1Settings`` (None without ``converge``)."""
+    return rule_from_values(settings.converge, settings.min_iters, settings.check_every,
+                            settings.converge_noise)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Reproduce the CLEVER paper's Tables 2 to 5 and Figure 6 on one data set.
 
-For each model: stage 1 (``collect_gradients.py``) for the least-likely,
+For each model: stage 1 (``stage1_run``, as ``collect_gradients.py``) for the least-likely,
 random and top-2 targets and, into a separate folder, for every class
 (untargeted); stage 2 (``clever.py --summary``) on both; then Carlini-Wagner
 L2 and I-FGSM (L-infinity and L2) on the same images and the same target
@@ -34,7 +34,6 @@ documented digits run take about 20 minutes on 2 CPU cores:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import hashlib
 import json
@@ -51,6 +50,9 @@ import numpy as np
 
 import common
 from common import Norm, ToolError, check_positive
+from settings import Stage1Settings
+from paper_attacks import (AttackSettings, read_attack_cache, run_attacks,  # noqa: F401
+                           write_attack_cache)
 from paper_tables import (NUM_CLASSES, PAPER_DATASET, PAPER_TABLE2, PAPER_TABLE3, Attack, Kind,
                           acceptance, attack_key, clever_rows, fit_rows, merge_attacks,
                           plot_figure6, render_markdown, success_table, table2, table3, table4,
@@ -221,38 +223,43 @@ def _mat_files(folder: str) -> list[str]:
     return sorted(f for f in os.listdir(folder) if f.endswith(".mat") and not f.startswith("."))
 
 
+def stage1_keywords(args, save: str, targets: str) -> dict:
+    """The stage-1 settings of the tables' runs (``settings.Stage1Settings`` keywords),
+    the model aside."""
+    return dict(dataset=args.dataset, models_dir=args.models_dir, data_dir=args.data_dir,
+                numimg=args.numimg, firstimg=args.firstimg, Nsamps=args.Nsamps,
+                Niters=args.Niters, radius=args.radius, seed=args.seed, targets=targets,
+                save=save, overwrite=args.overwrite, no_progress=args.no_progress)
+
+
 def run_stage1(args, model: str, save: str, targets: str, log_path: str) -> int:
-    """Stage 1 of ``model``, its stdout lines into ``log_path``; returns new files.
+    """Stage 1 of ``model``, its printed lines into ``log_path``; returns new files.
 
-    In this process (``collect_gradients.main``) or, with ``--address``, as a
-    ``sweep.py`` job on Ray: the same flags, the same files (bit for bit) in
-    the same folder."""
-    import collect_gradients
-
+    In this process (``stage1_run.run_lines``, collect_gradients.py's lines) or,
+    with ``--address``, as a sweep job on Ray (``sweep_driver.run``): the same
+    settings, the same files (bit for bit) in the same folder."""
     folder = common.output_dir(save, args.dataset, model)
     before = len(_mat_files(folder))
-    shared = ["--dataset", args.dataset, "--models_dir", args.models_dir,
-              "--data_dir", args.data_dir, "--numimg", str(args.numimg),
-              "--firstimg", str(args.firstimg), "--Nsamps", str(args.Nsamps),
-              "--Niters", str(args.Niters), "--radius", repr(args.radius),
-              "--seed", str(args.seed), "--targets", targets,
-              "--save", save] + (["--overwrite"] if args.overwrite else []) \
-        + (["--no_progress"] if args.no_progress else [])
+    shared = stage1_keywords(args, save, targets)
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    with open(log_path, "w") as fh, contextlib.redirect_stdout(fh):
+    with open(log_path, "w") as fh:
         if args.address is None:
-            argv = ["--model_name", model] + shared
-            print(f"# collect_gradients.py {' '.join(argv)}")
-            collect_gradients.main(collect_gradients.parse_args(argv))
+            import stage1_run
+
+            settings = Stage1Settings.from_kwargs(model_name=model, **shared)
+            stage1_run.run_lines(settings, fh, out_dir=settings.out_dir(),
+                                 progress=not settings.no_progress)
         else:
-            import sweep
+            import sweep_driver
 
             out = os.path.join(os.path.dirname(log_path),
                                os.path.splitext(os.path.basename(log_path))[0] + "_sweep")
-            argv = ["--models", model, "--address", _ray_address(args.address),
-                    "--workers", str(args.workers), "--no_stage2", "--out", out] + shared
-            print(f"# sweep.py {' '.join(argv)}", flush=True)
-            if sweep.main(sweep.parse_args(argv)) != 0:
+            options = sweep_driver.SweepOptions.create(
+                models=model, address=_ray_address(args.address), workers=args.workers,
+                no_stage2=True, out=out, stage1=shared)
+            print(f"# sweep of {model}: {json.dumps(options.record(), sort_keys=True)}", file=fh,
+                  flush=True)
+            if sweep_driver.run(options, stream=fh) != 0:
                 raise ToolError(f"stage 1 of {model} on Ray failed; see {log_path}")
     return len(_mat_files(folder)) - before
 
@@ -316,145 +323,8 @@ def load_summary(path: str) -> dict:
 
 
 # --------------------------------------------------------------------------
-# Attacks (TensorFlow), cached per (attack, image, target)
+# Attacks (paper_attacks.py); on Ray one task per attack
 # --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class AttackSettings:
-    """Everything an attack result depends on besides the model, image and target."""
-
-    cw_iterations: int
-    cw_binary_steps: int
-    cw_learning_rate: float
-    cw_initial_const: float
-    cw_confidence: float
-    ifgsm_iterations: int
-    linf_eps: tuple[float, ...]
-    l2_eps: tuple[float, ...]
-    ifgsm_losses: tuple[str, ...]   # tried in order, each on the failures of the one before
-
-    def of(self, attack: Attack) -> dict:
-        """The settings ``attack``'s results depend on (so I-FGSM changes keep CW's cache)."""
-        fields = {Attack.CW_L2: ("cw_iterations", "cw_binary_steps", "cw_learning_rate",
-                                 "cw_initial_const", "cw_confidence"),
-                  Attack.IFGSM_LINF: ("ifgsm_iterations", "linf_eps", "ifgsm_losses"),
-                  Attack.IFGSM_L2: ("ifgsm_iterations", "l2_eps", "ifgsm_losses")}[attack]
-        return {f: getattr(self, f) for f in fields}
-
-    def key(self, attack: Attack, dataset: str, model: str, digest: str) -> str:
-        """Cache key of ``attack``'s results on a model (weights ``digest``)."""
-        text = json.dumps({"attack": attack.value, "dataset": dataset, "model": model,
-                           "weights": digest, "settings": self.of(attack)}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def read_attack_cache(path: str) -> dict[str, dict]:
-    """Cached records by :func:`attack_key`; an unreadable cache is recomputed, not fatal."""
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path) as fh:
-            data = json.load(fh)
-        return {attack_key(Attack(r["attack"]), r["id"], r["target"]): r
-                for r in data["records"]}
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        log.warning("%s: unreadable attack cache (%s); recomputing", path, err)
-        return {}
-
-
-def write_attack_cache(path: str, attack: Attack, records: Mapping[str, Mapping],
-                       settings: AttackSettings, dataset: str, model: str, digest: str) -> None:
-    """Write ``attack``'s records (of all in ``records``) with what produced them."""
-    items = sorted((r for r in records.values() if r["attack"] == attack.value),
-                   key=lambda r: (r["id"], r["target"]))
-    common.write_json(path, {"provenance": common.provenance(), "attack": attack.value,
-                             "dataset": dataset, "model": model, "weights_sha256": digest,
-                             "settings": settings.of(attack), "records": items})
-
-
-def _finite(value: float):
-    return float(value) if math.isfinite(value) else None
-
-
-def _attack_record(attack: Attack, img_id: int, target: int, res, k: int, seconds: float,
-                   loss: str | None) -> dict:
-    """The JSON record of result ``k`` of an AttackResult (null distortions for failures)."""
-    rec = {"attack": attack.value, "id": int(img_id), "target": int(target),
-           "label": int(res.labels[k]), "success": bool(res.success[k]),
-           "l1": _finite(res.l1[k]), "l2": _finite(res.l2[k]), "linf": _finite(res.linf[k]),
-           "seconds_batch": seconds}
-    if loss is not None:
-        rec["loss"] = loss
-    if res.eps is not None:
-        rec["eps"] = _finite(res.eps[k])
-    if res.const is not None:
-        rec["const"] = None if math.isnan(res.const[k]) else float(res.const[k])
-    return rec
-
-
-def run_attacks(model, images: Mapping[int, np.ndarray], pairs: Sequence[tuple[int, int]],
-                untargeted_ids: Sequence[int], settings: AttackSettings,
-                cached: dict[str, dict], save,
-                only: Sequence[Attack] = tuple(Attack)) -> tuple[dict[str, dict], int]:
-    """Attack what ``cached`` lacks; returns (all records, number computed now).
-
-    ``images``: id -> [H, W, C] float32 in the data range; ``pairs``:
-    (id, target class) for the targeted attacks; ``untargeted_ids``: images
-    attacked away from their predicted class. I-FGSM runs with each loss of
-    ``settings.ifgsm_losses`` in turn on what the previous one failed: the
-    cross-entropy gradient vanishes where float32 softmax saturates (the
-    distilled model's huge logits), the logit margin's does not. Each record
-    says which loss succeeded. ``save`` is called after each attack
-    batch (``save(attack, records)``), so an interrupted run keeps what it finished.
-    ``only``: the attacks to run (default all).
-    """
-    import attacks
-
-    cw = attacks.CarliniWagnerL2(
-        model, max_iterations=settings.cw_iterations,
-        binary_search_steps=settings.cw_binary_steps, learning_rate=settings.cw_learning_rate,
-        initial_const=settings.cw_initial_const, confidence=settings.cw_confidence)
-
-    def ifgsm(norm, grid):
-        return [(loss, attacks.IterativeFGSM(model, norm=norm, eps_grid=grid,
-                                             iterations=settings.ifgsm_iterations,
-                                             loss=attacks.IFGSMLoss(loss)))
-                for loss in settings.ifgsm_losses]
-
-    runners = {Attack.CW_L2: [(None, cw)],
-               Attack.IFGSM_LINF: ifgsm(Norm.LINF, settings.linf_eps),
-               Attack.IFGSM_L2: ifgsm(Norm.L2, settings.l2_eps)}
-    records = dict(cached)
-    computed = 0
-    jobs = [(a, list(pairs), True) for a in only] + \
-        [(a, [(i, -1) for i in untargeted_ids], False) for a in only]
-    for attack, items, targeted in jobs:
-        todo = [(i, t) for i, t in items if attack_key(attack, i, t) not in records]
-        if not todo:
-            continue
-        log.info("%s %s: attacking %d (%d cached)", attack.value,
-                 "targeted" if targeted else "untargeted", len(todo), len(items) - len(todo))
-        x = np.stack([images[i] for i, _ in todo]).astype(np.float32)
-        targets = np.array([t for _, t in todo]) if targeted else None
-        left = np.arange(len(todo))
-        for attempt, (loss, runner) in enumerate(runners[attack]):
-            if left.size == 0:
-                break
-            if attempt:
-                log.info("%s: retrying %d failures with the %s loss", attack.value, left.size,
-                         loss)
-            t0 = time.time()
-            res = runner(x[left], targets=None if targets is None else targets[left])
-            seconds = time.time() - t0
-            for k, idx in enumerate(left):
-                img_id, target = todo[idx]
-                records[attack_key(attack, img_id, target)] = _attack_record(
-                    attack, img_id, target, res, k, seconds, loss)
-            left = left[~res.success]
-        computed += len(todo)
-        save(attack, records)
-    return records, computed
-
-
 def run_attacks_ray(dataset: str, model_path: str, model, images: Mapping[int, np.ndarray],
                     pairs: Sequence[tuple[int, int]], untargeted_ids: Sequence[int],
                     settings: AttackSettings, cached: dict[str, dict],
@@ -736,10 +606,10 @@ def main(args: argparse.Namespace) -> int:
     own_ray = False
     try:
         if args.address is not None:
-            import sweep
+            import sweep_driver
 
-            own_ray = sweep.connect(argparse.Namespace(
-                address=_ray_address(args.address), num_cpus=args.num_cpus, ship_code="auto"))
+            own_ray = sweep_driver.connect(address=_ray_address(args.address),
+                                           num_cpus=args.num_cpus, ship_code="auto")
         with tqdm(total=5 * len(loaded), unit="step", file=sys.stderr, disable=args.no_progress,
                   desc="tables", dynamic_ncols=True) as steps:
             runs = {name: process_model(args, name, model, ids, test_data, settings, steps)

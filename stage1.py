@@ -1,11 +1,13 @@
-"""The per-image work of stage 1, shared by collect_gradients.py and sweep.py.
+"""The per-image work of stage 1, shared by stage1_run.py and the sweep.
 
 One core, two drivers: :func:`score_image` runs the iterations of one image
 for all its pending targets and returns the per-target arrays;
 :func:`mat_record` turns one (image, target) result into every key of its
 ``.mat`` file (docs/format.md plus this toolkit's provenance keys);
-:func:`plan_image_files` lists the files still to write. The drivers keep
-argument handling, printing and writing files.
+:func:`plan_image_files` lists the files still to write; :func:`image_ids`,
+:func:`estimator_options` and :func:`run_settings` are the run's other
+pieces both drivers need. Every function takes the run's
+``settings.Stage1Settings``; the drivers keep printing and writing files.
 
 TensorFlow-free at import: the estimator is passed in, and
 ``estimate_gradient_norm`` is imported only when an image is scored.
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 import common
-from common import MatName
+from common import MatName, ToolError
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from estimate_gradient_norm import IterationStats, TargetResult
@@ -166,47 +168,47 @@ def defended_points(transform: str, images: np.ndarray, ids: Sequence[int], seed
 # --------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------
-def run_args(args) -> dict:
-    """The run's arguments as a MATLAB-storable dict (None becomes '')."""
-    out = {k: ("" if v is None else v) for k, v in vars(args).items() if k != "kinds"}
-    out["targets_resolved"] = ",".join(k.name.lower() for k in args.kinds)
-    return out
+def run_args(settings) -> dict:
+    """The run's settings as a MATLAB-storable dict (None becomes ''): a file's ``args``
+    (``settings.Stage1Settings.record``)."""
+    return settings.record()
 
 
-def mat_record(args, task: "ImageTask", target: "Target", result: "TargetResult", path: str, *,
-               model_name: str, dim: int, radius: float, versions: dict,
+def mat_record(settings, task: "ImageTask", target: "Target", result: "TargetResult", path: str,
+               *, model_name: str, dim: int, radius: float, versions: dict,
                grad_x0_norm: np.ndarray | None = None, extra: dict | None = None) -> dict:
     """Every key of the ``.mat`` file of one (image, target).
 
-    docs/format.md's keys (first order: G1_max, G2_max, Gi_max, L1_max,
-    L2_max, Li_max; second order: H2_max, g_x0_grad_2_norm; both: g_x0, pred,
-    id, true_label, target_label, info, args, path) and this toolkit's
-    provenance keys (radius, data range, sampling, seed, counts of NaN/zero gradients,
-    precision, versions, Niters_used...). ``grad_x0_norm``: [3] gradient L1,
-    L2, L-inf norms at x0 (order 2). ``extra``: more keys, added last.
+    ``settings``: the run's ``settings.Stage1Settings``. docs/format.md's keys
+    (first order: G1_max, G2_max, Gi_max, L1_max, L2_max, Li_max; second order:
+    H2_max, g_x0_grad_2_norm; both: g_x0, pred, id, true_label, target_label,
+    info, args, path) and this toolkit's provenance keys (radius, data range,
+    sampling, seed, counts of NaN/zero gradients, precision, versions,
+    Niters_used...). ``grad_x0_norm``: [3] gradient L1, L2, L-inf norms at x0
+    (order 2). ``extra``: more keys, added last.
     """
-    ras = run_args(args)
+    s = settings
+    ras = run_args(s)
     keys = {"g_x0": np.float64(result.g_x0), "pred": task.logits.astype(np.float32)[None, :],
             "id": task.img_id, "true_label": task.true_label, "target_label": target.label,
             "info": target.info, "args": ras, "path": path}
-    if args.order == 2:
+    if s.order == 2:
         g = np.asarray(grad_x0_norm, np.float64)
         keys.update(H2_max=result.grad_max[:, 0], g_x0_grad_2_norm=np.float64(g[1]),
                     g_x0_grad_1_norm=np.float64(g[0]), g_x0_grad_inf_norm=np.float64(g[2]),
-                    power_capped_batches=int(result.power_capped), power_iters=int(args.power_iters))
+                    power_capped_batches=int(result.power_capped), power_iters=int(s.power_iters))
     else:
         keys.update(G1_max=result.grad_max[:, 0], G2_max=result.grad_max[:, 1],
                     Gi_max=result.grad_max[:, 2], L1_max=result.slope_max[:, 0],
                     L2_max=result.slope_max[:, 1], Li_max=result.slope_max[:, 2])
     keys.update({
-        "radius": float(radius), "data_range": common.data_range_value(args.data_range),
-        "sample_norm": args.sample_norm,
-        "uniform_ball": int(args.uniform_ball), "sampler": args.sampler, "seed": args.seed,
-        "Nsamps": args.Nsamps, "Niters": args.Niters, "Niters_used": int(len(result.grad_max)),
-        "batch_size": args.batch_size, "dim": dim, "order": args.order,
-        "transform": args.transform, "dataset": args.dataset, "model_name": model_name,
-        "precision": getattr(args, "precision", "float32"),
-        "jit_compile": int(bool(getattr(args, "jit_compile", False))),
+        "radius": float(radius), "data_range": common.data_range_value(s.data_range),
+        "sample_norm": s.sample_norm,
+        "uniform_ball": int(s.uniform_ball), "sampler": s.sampler, "seed": s.seed,
+        "Nsamps": s.Nsamps, "Niters": s.Niters, "Niters_used": int(len(result.grad_max)),
+        "batch_size": s.batch_size, "dim": dim, "order": s.order,
+        "transform": s.transform, "dataset": s.dataset, "model_name": model_name,
+        "precision": s.precision, "jit_compile": int(bool(s.jit_compile)),
         "nan_batches": result.nan_batches, "zero_batches": result.zero_batches,
         "nan_samples": result.nan_samples, "zero_samples": result.zero_samples,
         "tool_version": versions.get("tool", ""), "tf_version": versions.get("tensorflow", ""),
@@ -218,18 +220,18 @@ def mat_record(args, task: "ImageTask", target: "Target", result: "TargetResult"
     return keys
 
 
-def mat_path(args, out_dir: str, task: "ImageTask", target: "Target") -> str:
+def mat_path(settings, out_dir: str, task: "ImageTask", target: "Target") -> str:
     """``<out_dir>/<Nsamp>_<Niters>_<id>_<true>_<target>_<info>_<act>_order<k>.mat``."""
-    name = MatName(args.Nsamps, args.Niters, task.img_id, task.true_label, target.label,
-                   target.info, args.activation, args.order).filename()
+    name = MatName(settings.Nsamps, settings.Niters, task.img_id, task.true_label, target.label,
+                   target.info, settings.activation, settings.order).filename()
     return os.path.join(out_dir, name)
 
 
-def plan_image_files(args, tasks: Sequence["ImageTask"], out_dir: str,
+def plan_image_files(settings, tasks: Sequence["ImageTask"], out_dir: str,
                      check: Callable[[str], None] | None = None) -> list:
     """The pending work: [(task, [(target, path), ...]), ...] in task order.
 
-    A file already present is skipped unless ``args.overwrite``; ``check(path)``
+    A file already present is skipped unless ``settings.overwrite``; ``check(path)``
     is called first for each such file and raises to refuse it (a file made with
     other settings: ``resume.ResumeCheck``). Images with nothing left to do (and
     misclassified ones, which have no targets) are left out.
@@ -238,8 +240,8 @@ def plan_image_files(args, tasks: Sequence["ImageTask"], out_dir: str,
     for task in tasks:
         pending = []
         for target in task.targets:
-            path = mat_path(args, out_dir, task, target)
-            if os.path.exists(path) and not getattr(args, "overwrite", False):
+            path = mat_path(settings, out_dir, task, target)
+            if os.path.exists(path) and not settings.overwrite:
                 if check is not None:
                     check(path)  # a file made with other settings stops the run (resume.py)
                 log.info("%s exists: skipped (use --overwrite to recompute)", path)
@@ -248,6 +250,78 @@ def plan_image_files(args, tasks: Sequence["ImageTask"], out_dir: str,
         if pending:
             work.append((task, pending))
     return work
+
+
+# --------------------------------------------------------------------------
+# The run's pieces that need no TensorFlow (shared by stage1_run and the sweep)
+# --------------------------------------------------------------------------
+def image_ids(settings, num_test: int) -> tuple[list[int], dict]:
+    """The test images of a run (``numimg``, ``firstimg``, ``ids``) and the user targets
+    of an ids file: (ids, {id: [targets]}); ToolError names a bad flag."""
+    user_targets = {}
+    if settings.ids:
+        from utils import read_ids_file
+
+        ids, user_targets = read_ids_file(settings.ids)
+        ids = ids[settings.firstimg:settings.firstimg + settings.numimg]
+    else:
+        if settings.firstimg >= num_test:
+            raise ToolError(f"--firstimg {settings.firstimg} is beyond the {num_test} test images")
+        ids = list(range(settings.firstimg, min(num_test, settings.firstimg + settings.numimg)))
+    bad = [i for i in ids if not 0 <= i < num_test]
+    if bad:
+        raise ToolError(f"--ids: image id {bad[0]} is not in 0..{num_test - 1}")
+    return ids, user_targets
+
+
+#: Activations whose second derivative is zero almost everywhere.
+_PIECEWISE_LINEAR = ("relu", "brelu", "leaky_relu", "relu6", "hard_sigmoid", "hard_tanh")
+
+
+def piecewise_linear_layers(model) -> list[str]:
+    """Names of the layers of a Keras model with ReLU-like (piecewise-linear) activations."""
+    found = []
+    for layer in getattr(model, "_flatten_layers", lambda **kw: [])(include_self=False):
+        act = getattr(layer, "activation", None)
+        name = getattr(act, "__name__", "") if act is not None else ""
+        if type(layer).__name__ in ("ReLU", "LeakyReLU") or name in _PIECEWISE_LINEAR:
+            found.append(layer.name)
+    return found
+
+
+def estimator_options(settings, estimator_class) -> dict:
+    """Keyword arguments of GradientNormEstimator, those its constructor takes."""
+    s = settings
+    wanted = {"clip": s.data_range, "compute_slope": s.compute_slope, "order": s.order,
+              "power_iters": s.power_iters, "precision": s.precision,
+              "jit_compile": s.jit_compile}
+    import inspect
+
+    accepted = inspect.signature(estimator_class).parameters
+    missing = [k for k in wanted if k not in accepted]
+    if "precision" in missing and s.precision != "float32":
+        raise ToolError(f"--precision {s.precision}: not supported by this "
+                        "estimate_gradient_norm.py")
+    return {k: v for k, v in wanted.items() if k in accepted}
+
+
+def run_settings(settings, model, model_name: str, radius: float, rule) -> dict:
+    """The settings recorded in every file and checked on resume (``resume.run_settings``)."""
+    import resume
+
+    s = settings
+    if hasattr(model, "get_weights"):  # a Keras model; a bare graph is known by its name
+        to_json = getattr(model, "to_json", None)
+        identity = resume.model_digest(model.get_weights(), to_json() if to_json else "")
+    else:
+        identity = model_name
+    return resume.run_settings(
+        dataset=s.dataset, model=identity, data_range=s.data_range,
+        sampler=s.sampler, sample_norm=s.sample_norm, radius=radius,
+        uniform_ball=s.uniform_ball, seed=s.seed, transform=s.transform,
+        order=s.order, power_iters=s.power_iters, compute_slope=s.compute_slope,
+        precision=s.precision, jit_compile=s.jit_compile, batch_size=s.batch_size,
+        nsamps=s.Nsamps, converge=rule.to_dict() if rule else None)
 
 
 def power_cap_warning(capped: dict, power_iters: int) -> str | None:

@@ -29,14 +29,16 @@ def _figure(width: float = 6.4, height: float = 4.8):
     return fig
 
 
-def plot_fit(samples: np.ndarray, fit: FitResult, path: str, label: str = "") -> None:
-    """Histogram of -S with the fitted weibull_min pdf, titled with c, loc, scale, ks, pVal."""
+def draw_fit(ax, samples: np.ndarray, fit: FitResult) -> None:
+    """Draw the histogram of -S and the fitted weibull_min pdf on a matplotlib ``ax``.
+
+    ``samples``: the batch maxima S [N_b] that were fitted; ``fit``: their fit.
+    The title gives c, loc, scale, ks and pVal (notebooks draw this inline).
+    """
     from scipy.stats import weibull_min
 
     s = np.asarray(samples, dtype=np.float64).ravel()
     s = s[np.isfinite(s)]
-    fig = _figure()
-    ax = fig.add_subplot(1, 1, 1)
     if s.size:
         ax.hist(-s, bins=20, density=True, histtype="stepfilled", alpha=0.5,
                 label="-S (batch maxima)")
@@ -56,9 +58,15 @@ def plot_fit(samples: np.ndarray, fit: FitResult, path: str, label: str = "") ->
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("-(maximum gradient norm)")
     ax.set_ylabel("pdf")
+    ax.legend(loc="best", frameon=False, fontsize=8)
+
+
+def plot_fit(samples: np.ndarray, fit: FitResult, path: str, label: str = "") -> None:
+    """:func:`draw_fit` into a PNG at ``path``, with ``label`` as the figure's title."""
+    fig = _figure()
+    draw_fit(fig.add_subplot(1, 1, 1), samples, fit)
     if label:
         fig.suptitle(label, fontsize=8)
-    ax.legend(loc="best", frameon=False, fontsize=8)
     fig.savefig(path)
 
 

@@ -1,6 +1,7 @@
 """The jobs of a sweep: one per model, from --models or a --spec TOML file.
 
-Each job holds the ``collect_gradients.parse_args`` result for its model,
+Each job holds its ``settings.Stage1Settings`` (the sweep's shared stage-1
+flags, then the spec's ``[defaults]`` and the job's own table, then its model),
 the file or folder its model is loaded from on the workers, its label (the
 model plus the settings that tell it apart from the sweep's other jobs of
 that model: :func:`job_labels`), and the driver's bookkeeping (queue of image
@@ -9,16 +10,14 @@ TensorFlow at import.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import os
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import common
 from common import ToolError
+from settings import SettingsError, Stage1Settings
 
 #: Flags of collect_gradients.py that --models replaces.
 MODEL_FLAGS = ("-m", "--model_name", "--model_path")
@@ -31,21 +30,12 @@ _UNLABELLED = ("overwrite", "quiet", "no_progress", "verbose",
 _SAVE = "save"
 
 
-def collect_args(argv: Sequence[str], where: str):
-    """``collect_gradients.parse_args(argv)`` with argparse's exit turned into a ToolError."""
-    import collect_gradients
-
-    err = io.StringIO()
+def job_settings(kwargs: Mapping[str, Any], where: str) -> Stage1Settings:
+    """``Stage1Settings.from_kwargs(**kwargs)``; a bad setting is a ToolError naming ``where``."""
     try:
-        with contextlib.redirect_stderr(err):
-            return collect_gradients.parse_args(list(argv))
-    except SystemExit as exc:
-        if exc.code == 0:  # --help of the shared flags
-            raise
-        lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
-        message = lines[-1] if lines else "invalid arguments"
-        message = message.replace("collect_gradients.py: error: ", "")
-        raise ToolError(f"{where}: {message}") from None
+        return Stage1Settings.from_kwargs(**kwargs)
+    except SettingsError as err:
+        raise ToolError(f"{where}: {err}") from None
 
 
 # --------------------------------------------------------------------------
@@ -53,14 +43,14 @@ def collect_args(argv: Sequence[str], where: str):
 # --------------------------------------------------------------------------
 @dataclass
 class Job:
-    """One model's share of the sweep: the collect_gradients arguments and the model's source."""
+    """One model's share of the sweep: its stage-1 settings and the model's source."""
 
     index: int
     token: str                 # as written in --models / the spec
     name: str                  # output folder suffix (model name or file stem)
     label: str = ""            # unique in the sweep: <dataset>_<name>[ key=value ...]
     label_settings: dict = field(default_factory=dict)  # the key=value settings of the label
-    args: argparse.Namespace | None = None   # collect_gradients.parse_args result
+    settings: Stage1Settings | None = None   # the job's stage-1 settings
     source: str = ""           # file or folder shipped to the workers ('' for none)
     error: str = ""            # set when the job failed
     # planning and progress
@@ -92,27 +82,22 @@ class Task:
     attempt: int = 0
 
 
-def _spec_argv(table: dict, where: str) -> list[str]:
-    """A TOML table of collect_gradients flags as command-line arguments."""
-    argv = []
+def _spec_kwargs(table: dict, where: str) -> dict:
+    """A TOML table of stage-1 settings (collect_gradients.py's long flag names) as keywords
+    of ``Stage1Settings.from_kwargs`` (lists stay lists: ``targets``, ``data_range``)."""
+    out = {}
     for key, value in table.items():
         if key in ("models", "model"):
             continue
-        flag = "--" + key.lstrip("-")
-        if flag in MODEL_FLAGS:
+        name = key.lstrip("-")
+        if "--" + name in MODEL_FLAGS or "-" + name in MODEL_FLAGS:
             raise ToolError(f"{where}: key {key!r}: list models under 'models'")
-        if isinstance(value, bool):
-            if value:
-                argv.append(flag)
-        elif isinstance(value, list):
-            argv += [flag, ",".join(str(v) for v in value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
+        out[name] = value
+    return out
 
 
-def _spec_jobs(path: str) -> list[tuple[str, list[str], str]]:
-    """(model token, flags, where) of every job of a --spec file."""
+def _spec_jobs(path: str) -> list[tuple[str, dict, str]]:
+    """(model token, settings, where) of every job of a --spec file."""
     import tomllib
 
     try:
@@ -123,7 +108,7 @@ def _spec_jobs(path: str) -> list[tuple[str, list[str], str]]:
     unknown = set(spec) - {"defaults", "job"}
     if unknown:
         raise ToolError(f"{path}: unknown table {sorted(unknown)[0]!r}; use [defaults] and [[job]]")
-    defaults = _spec_argv(spec.get("defaults", {}), f"{path} [defaults]")
+    defaults = _spec_kwargs(spec.get("defaults", {}), f"{path} [defaults]")
     jobs = spec.get("job", [])
     if not isinstance(jobs, list) or not jobs:
         raise ToolError(f"{path}: no [[job]] tables")
@@ -135,8 +120,8 @@ def _spec_jobs(path: str) -> list[tuple[str, list[str], str]]:
             models = [m for m in models.split(",") if m.strip()]
         if not models:
             raise ToolError(f"{where}: no 'models'")
-        flags = defaults + _spec_argv(table, where)
-        out += [(str(m).strip(), flags, where) for m in models]
+        values = {**defaults, **_spec_kwargs(table, where)}
+        out += [(str(m).strip(), values, where) for m in models]
     return out
 
 
@@ -144,24 +129,33 @@ def _is_model_file(token: str) -> bool:
     return os.path.exists(token) or token.lower().endswith(MODEL_SUFFIXES) or os.sep in token
 
 
-def build_jobs(args) -> list[Job]:
-    """One :class:`Job` per model; a job whose arguments or model are bad has ``error`` set."""
-    entries = [(m.strip(), [], "--models") for m in args.models.split(",") if m.strip()]
-    if args.spec:
-        entries += _spec_jobs(args.spec)
+def build_jobs(options) -> list[Job]:
+    """One :class:`Job` per model of a ``sweep_driver.SweepOptions`` (its ``models``, its
+    ``spec`` file, its shared ``stage1`` settings); a job whose settings or model are bad
+    has ``error`` set."""
+    entries = [(m.strip(), {}, "--models") for m in options.models.split(",") if m.strip()]
+    if options.spec:
+        entries += _spec_jobs(options.spec)
     jobs: list[Job] = []
-    for index, (token, flags, where) in enumerate(entries):
+    for index, (token, values, where) in enumerate(entries):
         is_file = _is_model_file(token)
         name = (os.path.splitext(os.path.basename(os.path.normpath(token)))[0] if is_file
                 else token)
         job = Job(index, token, name)
         jobs.append(job)
         try:
-            model_flags = ["--model_path", token] if is_file and not token.lower().endswith(
-                ".pb") else ["-m", token]
-            job.args = collect_args(list(args.shared) + flags + model_flags, where)
+            if token.lower().endswith(".pb"):
+                # An original frozen graph of a named ImageNet model: its --model_path.
+                if not os.path.isfile(token):
+                    raise ToolError(f"{token}: model file not found")
+                model = {"model_name": name, "model_path": token}
+            elif is_file:
+                model = {"model_path": token}
+            else:
+                model = {"model_name": token}
+            job.settings = job_settings({**options.stage1, **values, **model}, where)
             job.source = _model_source(job)
-            job.out_dir = common.output_dir(job.args.save, job.args.dataset, job.name)
+            job.out_dir = job.settings.out_dir(job.name)
         except ToolError as err:
             job.error, job.state = str(err), "failed"
     seen = {}
@@ -171,7 +165,7 @@ def build_jobs(args) -> list[Job]:
                                     f"{seen[job.out_dir]}; list each model once"), "failed"
         seen.setdefault(job.out_dir, job.token)
     labelled = [j for j in jobs if not j.error]
-    named = job_labels([(os.path.basename(j.out_dir), collect_args_record(j.args))
+    named = job_labels([(os.path.basename(j.out_dir), collect_args_record(j.settings))
                         for j in labelled])
     for job, (label, settings) in zip(labelled, named):
         job.label, job.label_settings = label, settings
@@ -180,11 +174,11 @@ def build_jobs(args) -> list[Job]:
     return jobs
 
 
-def collect_args_record(a) -> dict:
-    """A job's collect_gradients arguments as JSON values (enums by value)."""
-    if a is None:
+def collect_args_record(settings: Stage1Settings | None) -> dict:
+    """A job's stage-1 settings as JSON values, in flag order."""
+    if settings is None:
         return {}
-    return {k: common.jsonable(v) for k, v in vars(a).items()}
+    return {k: common.jsonable(v) for k, v in settings.as_dict().items()}
 
 
 def _setting_text(value) -> str:
@@ -239,13 +233,7 @@ def job_labels(entries: Sequence[tuple[str, dict]]) -> list[tuple[str, dict]]:
 
 def _model_source(job: Job) -> str:
     """The file or folder whose bytes the workers load the model from ('' if none)."""
-    a = job.args
-    if job.token.lower().endswith(".pb"):
-        # An original frozen graph of a named ImageNet model: --model_path of collect_gradients.
-        if not os.path.isfile(job.token):
-            raise ToolError(f"{job.token}: model file not found")
-        a.model_path, a.model_name = job.token, os.path.splitext(os.path.basename(job.token))[0]
-        return job.token
+    a = job.settings
     if a.model_path:
         return a.model_path
     if a.dataset == "imagenet":

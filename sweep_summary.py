@@ -109,7 +109,7 @@ def _fmt(v) -> str:
 
 
 def write_outputs(out: str, rows: list[dict], records: list[dict], provenance: dict) -> None:
-    import clever
+    from stage2 import json_safe
 
     os.makedirs(out, exist_ok=True)
     buf = io.StringIO()
@@ -130,7 +130,7 @@ def write_outputs(out: str, rows: list[dict], records: list[dict], provenance: d
                              "minimum over every other class (`--targets all`); K-S pass rate: "
                              f"share of fits with p > {KS_ALPHA}.\n\n" + "\n".join(md) + "\n")
 
-    common.write_json(os.path.join(out, "records.json"), clever.json_safe(records))
+    common.write_json(os.path.join(out, "records.json"), json_safe(records))
     fields = ("job", "model", "dataset", "path", "id", "true_label", "target_label", "info",
               "order", "g_x0", "node")
     norm_fields = ("key", "estimate", "shape", "loc", "scale", "ks", "pval", "status", "bound",
@@ -145,4 +145,4 @@ def write_outputs(out: str, rows: list[dict], records: list[dict], provenance: d
             row += ["" if rec.get(k) is None else rec.get(k, "") for k in norm_fields]
         w.writerow(row)
     common.atomic_write_text(os.path.join(out, "records.csv"), buf.getvalue())
-    common.write_json(os.path.join(out, "provenance.json"), clever.json_safe(provenance))
+    common.write_json(os.path.join(out, "provenance.json"), json_safe(provenance))

@@ -3,13 +3,12 @@
 :class:`ModelWorker` (wrapped as a Ray actor by :func:`actor_class`) loads one
 model from bytes the driver shipped, compiles it once, and scores (image,
 targets) tasks with ``stage1.score_image`` and ``stage1.mat_record``, the
-functions ``collect_gradients.py`` runs; it returns the arrays of each ``.mat``
-file and never writes one. :func:`stage2_file` is the stage-2 Ray task of one
-file. :func:`pack`/:func:`unpack` move a model file or folder as bytes.
+functions ``stage1_run.collect`` (``collect_gradients.py``) runs; it returns
+the arrays of each ``.mat`` file and never writes one. :func:`stage2_file` is
+the stage-2 Ray task of one file. :func:`pack`/:func:`unpack` move a model file or folder as bytes.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -76,14 +75,14 @@ class ModelWorker:
     def _where(self) -> dict:
         return {**_node_and_pid(), "host": platform.node()}
 
-    def setup(self, job_args, name: str, source: str, blob, images, ids) -> dict:
-        """Load a model: ``blob`` (base name, bytes) of ``source`` (the driver's path, for
-        messages), or None; ``images`` float32 [n, *input_shape] the job's images, test
-        images ``ids``."""
+    def setup(self, settings, name: str, source: str, blob, images, ids) -> dict:
+        """Load a model: ``settings`` the job's ``settings.Stage1Settings``; ``blob`` (base
+        name, bytes) of ``source`` (the driver's path, for messages), or None; ``images``
+        float32 [n, *input_shape] the job's images, test images ``ids``."""
         t0 = time.perf_counter()
         self._release()
-        self.args, self.name, self.source, self.blob, self.images, self.ids = (
-            job_args, name, source, blob, images, list(ids))
+        self.settings, self.name, self.source, self.blob, self.images, self.ids = (
+            settings, name, source, blob, images, list(ids))
         self.error, self.estimator, self._job_settings = "", None, None
         if hasattr(self, "_defended_images"):
             del self._defended_images
@@ -104,7 +103,7 @@ class ModelWorker:
                 **self._where()}
 
     def _load(self) -> None:
-        a = self.args
+        a = self.settings
         self.path_on_worker = ""
         if self.blob is not None:
             self.folder = tempfile.mkdtemp(prefix="clever-sweep-")
@@ -112,15 +111,19 @@ class ModelWorker:
         from randsphere import BallSampler
 
         self.sampler = BallSampler.create(a.sample_norm, a.radius, a.uniform_ball, a.data_range)
-        common.set_seed(a.seed)  # before building, as collect_gradients: random weights agree
+        common.set_seed(a.seed)  # before building, as stage1_run.collect: random weights agree
         if a.dataset == "imagenet":
-            local = argparse.Namespace(**vars(a))
-            if self.path_on_worker:
+            import imagenet_data
+
+            model_path, weights = a.model_path, a.weights
+            if self.path_on_worker:   # the shipped copy of the model file or weights file
                 if a.model_path:
-                    local.model_path = self.path_on_worker
+                    model_path = self.path_on_worker
                 else:
-                    local.weights = self.path_on_worker
-            model = _imagenet_model(local)
+                    weights = self.path_on_worker
+            model = imagenet_data.stage1_model(
+                model_name=a.model_name, weights=weights, model_path=model_path,
+                input_size=a.input_size, models_dir=a.models_dir)
         else:
             import models
 
@@ -133,32 +136,31 @@ class ModelWorker:
         self.pool = None
 
     def _estimator(self, model):
-        """The estimator exactly as collect_gradients.main builds it (order-2 check included)."""
-        import collect_gradients
+        """The estimator exactly as stage1_run.collect builds it (order-2 check included)."""
+        import stage1
         from estimate_gradient_norm import GradientNormEstimator
 
-        a = self.args
+        a = self.settings
         if a.order == 2 and not a.force_order2:
-            flat = collect_gradients.piecewise_linear_layers(model)
+            flat = stage1.piecewise_linear_layers(model)
             if flat:
                 raise ToolError(f"{self.source or self.name}: --order 2: the model has "
                                 f"piecewise-linear activations ({', '.join(flat[:3])}); its "
                                 "Hessian is zero almost everywhere. Use a smooth model or "
                                 "--force_order2")
         return GradientNormEstimator(model, self.images.shape[1:], a.batch_size,
-                                     **collect_gradients.estimator_options(
-                                         a, GradientNormEstimator))
+                                     **stage1.estimator_options(a, GradientNormEstimator))
 
     def _defended(self) -> np.ndarray | None:
         """T(x0) of the job's images with --transform (the defended classifier), else None."""
         if not hasattr(self, "_defended_images"):
             self._defended_images = None
-            if self.args.transform:
+            if self.settings.transform:
                 import stage1
 
                 self._defended_images = stage1.defended_points(
-                    self.args.transform, self.images, self.ids, self.args.seed,
-                    self.args.data_range)
+                    self.settings.transform, self.images, self.ids, self.settings.seed,
+                    self.settings.data_range)
         return self._defended_images
 
     def plan(self) -> dict:
@@ -175,12 +177,12 @@ class ModelWorker:
         """What every file of the job records and the driver checks on resume (resume.py);
         computed once per job (the model digest hashes every weight)."""
         if self._job_settings is None:
-            import collect_gradients
             import converge
+            import stage1
 
-            self._job_settings = collect_gradients.run_settings(
-                self.args, self.estimator.model, self.name, self.sampler.radius,
-                converge.rule_from_args(self.args))
+            self._job_settings = stage1.run_settings(
+                self.settings, self.estimator.model, self.name, self.sampler.radius,
+                converge.rule_from_settings(self.settings))
         return self._job_settings
 
     def score(self, pos: int, task, pending: list) -> dict:
@@ -188,7 +190,7 @@ class ModelWorker:
         import stage1
 
         t0 = time.perf_counter()
-        a = self.args
+        a = self.settings
         if a.sampler == "shm" and self.pool is None:
             from randsphere import SamplerPool
 
@@ -206,11 +208,11 @@ class ModelWorker:
         defended = self._defended()
         if defended is not None:
             task.evaluated = defended[pos]  # g(x0) and its gradient at T(x0), as the CLI
-        # Samples around the untransformed x0 (task.image), exactly as collect_gradients.
+        # Samples around the untransformed x0 (task.image), exactly as stage1_run.collect.
         import converge
 
         # --converge: a stopped image frees this worker for the next task at once.
-        rule = converge.rule_from_args(a)
+        rule = converge.rule_from_settings(a)
         result = stage1.score_image(self.estimator, self.sampler, self.pool, task, targets,
                                     task.image, nsamps=a.Nsamps, niters=a.Niters, seed=a.seed,
                                     order=a.order, on_iteration=on_iteration,
@@ -271,26 +273,14 @@ def actor_class(ray):
                       max_task_retries=0)(Worker)
 
 
-def _imagenet_model(args):
-    """The ImageNet model of collect_gradients' --dataset imagenet (setup_imagenet)."""
-    import setup_imagenet
-
-    model_path = getattr(args, "model_path", None)
-    if model_path and not model_path.lower().endswith(".pb"):
-        return setup_imagenet.load_user_model(model_path)
-    return setup_imagenet.get_model(args.model_name, model_path or args.weights,
-                                    getattr(args, "input_size", None),
-                                    models_dir=args.models_dir or setup_imagenet.DEFAULT_MODELS_DIR,
-                                    drop_background=bool(getattr(args, "drop_background", False)))
-
-
 def stage2_file(name: str, data: bytes, method: str, shape_reg: float) -> dict:
-    """Stage 2 of one file (a Ray CPU task): clever.py's fit and bounds per bound norm.
+    """Stage 2 of one file (a Ray CPU task): stage 2's fit and bounds per bound norm.
 
     ``data``: the .mat file's bytes (no shared file system). Returns a JSON-ready
     record, or ``{"error": message}``.
     """
-    import clever
+    from stage2_files import load_stage1_file
+    from weibull_fit import fit_reverse_weibull
 
     t0 = time.perf_counter()
     where = _node_and_pid()
@@ -300,12 +290,12 @@ def stage2_file(name: str, data: bytes, method: str, shape_reg: float) -> dict:
         with open(path, "wb") as fh:
             fh.write(data)
         try:
-            f = clever.load_stage1_file(path)
+            f = load_stage1_file(path)
         except ToolError as err:
             return {"error": str(err).replace(path, name), **where}
         norms = {}
         for norm, samples in f.maxima.items():
-            fit = clever.fit_reverse_weibull(samples, method, shape_reg)
+            fit = fit_reverse_weibull(samples, method, shape_reg)
             b = aggregate.file_bound(f.order, f.g_x0, fit.estimate, f.radius, f.sample_norm,
                                      norm, f.dim, f.grad_norm)
             norms[norm.label] = {"key": f.keys[norm], "estimate": fit.estimate,
@@ -326,12 +316,12 @@ def attack_task(blob, dataset: str, images: dict, pairs: list, untargeted_ids: l
     """One attack of ``reproduce_tables.py --address`` (a Ray CPU task).
 
     ``blob``: the model file's :func:`pack` bytes, a model of ``dataset``; the
-    other arguments are ``reproduce_tables.run_attacks``'. Returns ``{"records",
+    other arguments are ``paper_attacks.run_attacks``'. Returns ``{"records",
     "computed", node, pid}`` (records of that attack, cached ones included) or
     ``{"error": line}``.
     """
     import models
-    import reproduce_tables
+    import paper_attacks
     from paper_tables import Attack
 
     where = _node_and_pid()
@@ -341,7 +331,7 @@ def attack_task(blob, dataset: str, images: dict, pairs: list, untargeted_ids: l
             model = models.load_model(dataset, model_path=unpack(blob, folder))
         except ToolError as err:
             return {"error": str(err).splitlines()[0], **where}
-        records, computed = reproduce_tables.run_attacks(
+        records, computed = paper_attacks.run_attacks(
             model, images, pairs, untargeted_ids, settings, cached, lambda *_: None,
             only=(Attack(attack),))
         return {"records": records, "computed": computed, **where}

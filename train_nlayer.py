@@ -31,7 +31,7 @@ from typing import Sequence
 
 import common
 from common import ToolError
-from train_models import DEFAULTS
+from training import DEFAULTS
 
 log = logging.getLogger("clever.train")
 
@@ -139,7 +139,7 @@ def make_optimizer(args: argparse.Namespace, total_steps: int):
     """
     import keras
 
-    from train_models import make_optimizer as toolkit_optimizer
+    from training import make_optimizer as toolkit_optimizer
 
     if args.optimizer == "adam" and args.model == "digits" and not args.wd_given:
         return toolkit_optimizer("adam", args.lr, total_steps)
@@ -154,7 +154,7 @@ def _fit(model, data, args: argparse.Namespace, desc: str):
     """Train ``model`` (logits) on softmax cross-entropy, as train_models.fit, with our optimizer."""
     import keras
 
-    from train_models import _progress_callback, tempered_crossentropy
+    from training import _progress_callback, tempered_crossentropy
 
     steps = args.epochs * -(-len(data.train_data) // args.batch_size)
     model.compile(optimizer=make_optimizer(args, steps), loss=tempered_crossentropy(1.0),

@@ -545,13 +545,11 @@ def test_cli_classifies_a_folder(tmp_path, capsys, fresh_keras):
 # What collect_gradients.py --dataset imagenet calls
 # --------------------------------------------------------------------------
 def stage1_args(**overrides):
-    """The attributes collect_gradients.parse_args gives, with its defaults."""
-    import argparse
-
+    """The keywords collect_gradients.py gives load_for_stage1, with its defaults."""
     values = dict(model_name="mobilenet_v1_0.25", weights="random", models_dir="models",
                   data_dir="data", model_path=None, firstimg=0, numimg=10, ids="")
     values.update(overrides)
-    return argparse.Namespace(**values)
+    return values
 
 
 def test_load_for_stage1_zoo_model(tmp_path, fresh_keras):
@@ -560,13 +558,13 @@ def test_load_for_stage1_zoo_model(tmp_path, fresh_keras):
     for label in (4, 2, 9, 7):
         save(folder / f"{label}.x.png", np.full((20, 24, 3), 25 * label, np.uint8))
     args = stage1_args(data_dir=str(tmp_path), input_size=32, firstimg=1, numimg=2)
-    model, data, label_offset = si.load_for_stage1(args)
+    model, data, label_offset = si.load_for_stage1(**args)
     assert (model.image_size, model.num_classes, label_offset) == (32, 1000, 0)
     # Ids are positions in the sorted folder: images 0..2 are loaded, 1 and 2 examined.
     assert data.files == ["2.x.png", "4.x.png", "7.x.png"]
     assert data.test_data.shape == (3, 32, 32, 3)
     np.testing.assert_array_equal(np.argmax(data.test_labels, axis=1), [1, 3, 6])
-    everything = si.load_for_stage1(stage1_args(data_dir=str(folder), input_size=32, ids="x.csv"))
+    everything = si.load_for_stage1(**stage1_args(data_dir=str(folder), input_size=32, ids="x.csv"))
     assert len(everything[1].files) == 4
 
 
@@ -577,17 +575,17 @@ def test_load_for_stage1_frozen_and_user_models(tmp_path, fresh_keras):
     freeze(keras_model, spec.input_size, pb, logits_alias=spec.logits_name.split(":")[0])
     save(tmp_path / "1.a.png", np.zeros((30, 30, 3), np.uint8))
     model, data, label_offset = si.load_for_stage1(
-        stage1_args(model_name="mobilenet_v1_025", model_path=pb, data_dir=str(tmp_path)))
+        **stage1_args(model_name="mobilenet_v1_025", model_path=pb, data_dir=str(tmp_path)))
     assert (model.image_size, model.num_classes, label_offset) == (224, 1001, 1)
     assert data.test_labels.shape == (1, 1000) and data.test_labels[0, 0] == 1.0
-    _, _, offset = si.load_for_stage1(stage1_args(
+    _, _, offset = si.load_for_stage1(**stage1_args(
         model_name="mobilenet_v1_025", model_path=pb, data_dir=str(tmp_path), drop_background=True))
     assert offset == 0
 
     own = str(tmp_path / "own.keras")
     small_cnn(16, 10).save(own)
     model, data, label_offset = si.load_for_stage1(
-        stage1_args(model_name="own", model_path=own, data_dir=str(tmp_path)))
+        **stage1_args(model_name="own", model_path=own, data_dir=str(tmp_path)))
     assert (model.image_size, model.num_classes, label_offset) == (16, 10, 0)
     assert data.test_data.shape == (1, 16, 16, 3)
     # A zoo model saved to a file reloads with its preprocessing layer.
@@ -598,4 +596,4 @@ def test_load_for_stage1_frozen_and_user_models(tmp_path, fresh_keras):
     np.testing.assert_allclose(np.asarray(again(x)), np.asarray(zoo(x)), rtol=1e-5, atol=1e-5)
     assert (again.image_size, again.num_classes, again.background_class) == (32, 1000, False)
     with pytest.raises(common.ToolError, match="--model_path .*absent.keras: no such file"):
-        si.load_for_stage1(stage1_args(model_path=str(tmp_path / "absent.keras")))
+        si.load_for_stage1(**stage1_args(model_path=str(tmp_path / "absent.keras")))

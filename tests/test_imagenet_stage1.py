@@ -9,6 +9,7 @@ from PIL import Image
 
 import collect_gradients
 import common
+import imagenet_zoo
 import setup_imagenet as si
 
 HEAVY = os.environ.get("CLEVER_HEAVY_TESTS") == "1"
@@ -44,7 +45,7 @@ def test_stage1_writes_a_valid_mat_for_each_zoo_model(name, tmp_path, monkeypatc
         asked.append(args[:3])
         return model
 
-    monkeypatch.setattr(si, "get_model", built_model)
+    monkeypatch.setattr(imagenet_zoo, "get_model", built_model)
     images = tmp_path / "images"
     images.mkdir()
     Image.fromarray(pixels).save(images / f"{predicted + 1}.sample.png")  # names count from 1

@@ -268,11 +268,11 @@ def test_spec_file_lists_jobs(tmp_path, linear_model_path):
     args = sweep.parse_args(["--spec", str(spec), "-d", "digits"])
     jobs = sweep.build_jobs(args)
     assert [j.error for j in jobs] == ["", ""]
-    assert [j.args.numimg for j in jobs] == [2, 1]
-    assert [j.args.Nsamps for j in jobs] == [16, 16]
-    assert [j.args.data_range for j in jobs] == [(-0.5, 0.5), (0.0, 255.0)]
+    assert [j.settings.numimg for j in jobs] == [2, 1]
+    assert [j.settings.Nsamps for j in jobs] == [16, 16]
+    assert [j.settings.data_range for j in jobs] == [(-0.5, 0.5), (0.0, 255.0)]
     assert jobs[1].out_dir == os.path.join(str(tmp_path), "b", "digits_linear")
-    assert [k.value for k in jobs[1].args.kinds] == ["top2", "least"]
+    assert [k.value for k in jobs[1].settings.kinds] == ["top2", "least"]
 
 
 def test_a_rerun_with_another_radius_is_refused_before_its_tasks(cluster, tmp_path,
