@@ -15,6 +15,7 @@ import re
 
 import numpy as np
 
+import common
 import imagenet_zoo
 from common import ToolError
 from imagenet_zoo import DEFAULT_MODELS_DIR, IMAGENET_CLASSES, _first_line
