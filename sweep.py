@@ -111,6 +111,9 @@ def _sweep_parser() -> argparse.ArgumentParser:
     g.add_argument("--shape_reg", type=float, default=0.01, help="stage 2: as clever.py")
     g.add_argument("--method", choices=("mle_reg", "mle", "maxsamp"), default="mle_reg",
                    help="stage 2: as clever.py")
+    g.add_argument("--interval", type=float, default=0.9, metavar="LEVEL",
+                   help="stage 2: as clever.py (each bound's range for another seed, "
+                        "docs/intervals.md; 0: none)")
     return p
 
 
@@ -135,6 +138,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         raise ToolError(f"--cpus_per_worker must be non-negative, got {args.cpus_per_worker}")
     common.check_positive("--max_retries", args.max_retries, allow_zero=True)
     common.check_positive("--shape_reg", args.shape_reg, allow_zero=True)
+    if not 0.0 <= getattr(args, "interval", 0.0) < 1.0:
+        raise ToolError(f"--interval {args.interval}: the level must be in [0, 1) (0: none)")
     if args.spec and not os.path.isfile(args.spec):
         raise ToolError(f"--spec: {args.spec} does not exist")
     if not (args.address in ("", "auto") or args.address.startswith("ray://")
@@ -553,7 +558,8 @@ class Sweep:
                 continue
             with open(path, "rb") as fh:
                 data = fh.read()
-            ref = self.stage2_fn.remote(path, data, self.args.method, self.args.shape_reg)
+            ref = self.stage2_fn.remote(path, data, self.args.method, self.args.shape_reg,
+                                        getattr(self.args, "interval", 0.0))
             self._submit("stage2", None, ref, (job, path))
 
     def _stage2_done(self, payload, out: dict) -> None:

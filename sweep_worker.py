@@ -284,13 +284,18 @@ def _imagenet_model(args):
                                     drop_background=bool(getattr(args, "drop_background", False)))
 
 
-def stage2_file(name: str, data: bytes, method: str, shape_reg: float) -> dict:
+def stage2_file(name: str, data: bytes, method: str, shape_reg: float,
+                level: float = 0.0) -> dict:
     """Stage 2 of one file (a Ray CPU task): clever.py's fit and bounds per bound norm.
 
-    ``data``: the .mat file's bytes (no shared file system). Returns a JSON-ready
-    record, or ``{"error": message}``.
+    ``data``: the .mat file's bytes (no shared file system). ``level``: sweep
+    --interval (0: none): each norm also gets ``bound_lo``, ``bound_hi``,
+    ``bound_uncapped_lo``, ``bound_uncapped_hi``, ``estimate_lo``,
+    ``estimate_hi`` (docs/intervals.md). Returns a JSON-ready record, or
+    ``{"error": message}``.
     """
     import clever
+    import interval
 
     t0 = time.perf_counter()
     where = _node_and_pid()
@@ -312,6 +317,15 @@ def stage2_file(name: str, data: bytes, method: str, shape_reg: float) -> dict:
                                  "shape": fit.shape, "loc": fit.loc, "scale": fit.scale,
                                  "ks": fit.ks, "pval": fit.pval, "status": fit.status.value,
                                  "bound": b.bound, "bound_uncapped": b.uncapped, "cap": b.cap}
+            if level > 0:
+                iv = interval.lipschitz_interval(samples, fit, level, method=method,
+                                                 shape_reg=shape_reg)
+                lo, hi = interval.bound_ends(f.order, f.g_x0, iv.lo, iv.hi, b.cap, f.grad_norm)
+                ulo, uhi = interval.bound_ends(f.order, f.g_x0, iv.lo, iv.hi, None,
+                                               f.grad_norm)
+                norms[norm.label].update(bound_lo=lo, bound_hi=hi, bound_uncapped_lo=ulo,
+                                         bound_uncapped_hi=uhi, estimate_lo=iv.lo,
+                                         estimate_hi=iv.hi)
         return {"path": name, "id": f.img_id, "true_label": f.true_label,
                 "target_label": f.target_label, "info": f.info, "order": f.order,
                 "g_x0": f.g_x0, "radius": f.radius,

@@ -201,3 +201,68 @@ def test_bad_interval_level_is_one_line_error():
     proc = _clever("--interval", "1.5")
     assert proc.returncode != 0
     assert "--interval" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------
+# The sweep's stage 2 and summaries; the figure
+# --------------------------------------------------------------------------
+def test_sweep_stage2_file_adds_the_interval_only_when_asked():
+    import sweep_worker
+
+    path = os.path.join(FIXTURE, sorted(os.listdir(FIXTURE))[0])
+    with open(path, "rb") as fh:
+        data = fh.read()
+    plain = sweep_worker.stage2_file(path, data, "mle_reg", 0.01)
+    with_iv = sweep_worker.stage2_file(path, data, "mle_reg", 0.01, 0.9)
+    for label, n in plain["norms"].items():
+        assert "bound_lo" not in n
+        m = with_iv["norms"][label]
+        assert {k: m[k] for k in n} == n
+        assert m["bound_lo"] <= m["bound"] <= m["bound_hi"]
+        assert m["estimate_lo"] <= m["estimate"] <= m["estimate_hi"]
+
+
+def _sweep_record(img, info, l2, half):
+    norms = {}
+    for label, v in (("L1", 10 * l2), ("L2", l2), ("Li", l2 / 10)):
+        h = half * v
+        norms[label] = {"bound": v, "bound_uncapped": v, "pval": 0.5, "status": "fit",
+                        "bound_lo": v - h, "bound_hi": v + h, "bound_uncapped_lo": v - h,
+                        "bound_uncapped_hi": v + h}
+    return {"job": "j", "model": "m", "dataset": "digits", "id": img, "info": info,
+            "target_label": 1, "norms": norms}
+
+
+def test_sweep_summary_rows_carry_the_interval(tmp_path):
+    import sweep_summary
+
+    recs = [_sweep_record(0, "top2", 0.4, 0.1), _sweep_record(1, "top2", 0.6, 0.2),
+            _sweep_record(0, "least", 0.9, 0.1), _sweep_record(1, "least", 0.8, 0.1)]
+    rows = sweep_summary.summarize(recs)
+    top2 = [r for r in rows if r["info"] == "top2" and r["norm"] == "L2"][0]
+    assert top2["mean_clever_lo"] == pytest.approx(0.5 - math.hypot(0.04, 0.12) / 2)
+    assert top2["mean_clever_hi"] == pytest.approx(0.5 + math.hypot(0.04, 0.12) / 2)
+    assert (top2["min_clever_lo"], top2["min_clever_hi"]) == pytest.approx((0.36, 0.44))
+    both = [r for r in rows if r["info"] == "min_over_targets" and r["norm"] == "L2"][0]
+    # image 0: min(0.4 [0.36, 0.44], 0.9 [...]); image 1: 0.6 [0.48, 0.72]
+    assert both["mean_clever_lo"] == pytest.approx(0.5 - math.hypot(0.04, 0.12) / 2)
+    sweep_summary.write_outputs(str(tmp_path), rows, recs, {})
+    header = open(tmp_path / "summary.csv").read().splitlines()[0].split(",")
+    assert header[:13] == list(sweep_summary._SUMMARY_COLUMNS)
+    assert "mean_clever_lo" in header and "min_clever_uncapped_hi" in header
+    # Without the interval, the columns of before.
+    plain = [dict(r, norms={k: {f: v for f, v in n.items() if not f.endswith(("_lo", "_hi"))}
+                            for k, n in r["norms"].items()}) for r in recs]
+    sweep_summary.write_outputs(str(tmp_path / "plain"), sweep_summary.summarize(plain),
+                                plain, {})
+    header = open(tmp_path / "plain" / "summary.csv").read().splitlines()[0].split(",")
+    assert header == list(sweep_summary._SUMMARY_COLUMNS)
+
+
+def test_summary_figure_draws_error_bars(tmp_path):
+    result = stage2.score_folder(FIXTURE, stage2.Options(interval=0.9))
+    import stage2_plots
+
+    path = str(tmp_path / "summary.png")
+    stage2_plots.plot_summary(result, path)
+    assert os.path.getsize(path) > 0
