@@ -1,8 +1,12 @@
 """Intervals of CLEVER scores: where a rerun of stage 1 with another seed would put them.
 
 Pure NumPy/SciPy (no TensorFlow, no printing). The method is in
-docs/intervals.md; in short, for one array S of N_b batch maxima and its
-stage-2 fit with estimate L (a Lipschitz constant, or order 2's curvature):
+docs/intervals.md. The default (:data:`SCHEME` "bootstrap", the one that
+calibrated on bench/bench_interval.py) draws B = 10 streams of N_b maxima from
+the fitted reverse Weibull, refits each (from the fitted shape) and takes
+L +- t_{B-1}((1 + level) / 2) * sqrt(2) * sd(refits). The alternative
+("subsets", measured and not kept), for one array S of N_b batch maxima and
+its stage-2 fit with estimate L (a Lipschitz constant, or order 2's curvature):
 
 1. the batches are split into K disjoint interleaved subsets (batches
    i, i + K, i + 2K, ...) and each is fitted by stage 2's method
@@ -41,6 +45,14 @@ N_SUBSETS = 5
 
 #: Exponent r of the subset-to-full law sd(N_b) = sd(N_b / K) * K^(-r).
 RATE = 0.5
+
+#: How the sampling spread is estimated: "subsets" (K interleaved subset fits
+#: scaled by K^(-r)) or "bootstrap" (B parametric draws of N_b maxima from the
+#: fitted reverse Weibull, refitted); docs/intervals.md says which calibrates.
+SCHEME = "bootstrap"
+
+#: Draws of the parametric bootstrap.
+N_BOOTSTRAP = 10
 
 #: Statuses whose estimate has no sampling spread to speak of (exact, or nothing).
 _NO_SPREAD = (FitStatus.DEGENERATE, FitStatus.ALL_ZERO)
@@ -123,7 +135,8 @@ def half_width(subsets: np.ndarray, level: float = DEFAULT_LEVEL, rate: float = 
 def lipschitz_interval(maxima: np.ndarray, fit: FitResult, level: float = DEFAULT_LEVEL,
                        k: int = N_SUBSETS, method: Method | str = Method.MLE_REG,
                        shape_reg: float = 0.01, penalize: Penalty | str = Penalty.SCALE,
-                       rate: float = RATE, warm_start: bool = True) -> LipschitzInterval:
+                       rate: float = RATE, warm_start: bool = True,
+                       scheme: str | None = None) -> LipschitzInterval:
     """The interval of ``fit.estimate`` (stage 2's fit of ``maxima`` [N_b] with
     these ``method``, ``shape_reg`` and ``penalize``).
 
@@ -142,6 +155,18 @@ def lipschitz_interval(maxima: np.ndarray, fit: FitResult, level: float = DEFAUL
         return LipschitzInterval(est, est, est, 0.0)
     if s.size < 2 * k:
         return LipschitzInterval(est, math.nan, math.nan, math.nan)
+    scheme = SCHEME if scheme is None else scheme
+    if scheme == "bootstrap":
+        # B draws of the full N_b from the fitted model: the spread at N_b itself,
+        # no subset-to-full law (k is unused). Without a fit (max(S) used): subsets.
+        subsets = bootstrap_estimates(s, fit, N_BOOTSTRAP, method, shape_reg, penalize)
+        if subsets.size:
+            h = half_width(subsets, level, 0.0)
+            if not math.isfinite(h):
+                return LipschitzInterval(est, math.nan, math.nan, h, tuple(subsets))
+            return LipschitzInterval(est, max(est - h, 0.0), est + h, h, tuple(subsets))
+    elif scheme != "subsets":
+        raise ValueError(f"scheme must be 'subsets' or 'bootstrap', not {scheme!r}")
     c_init = (fit.shape,) if warm_start and fit.status is FitStatus.FIT else None
     subsets = subset_estimates(s, k, method, shape_reg, penalize, c_init)
     h = half_width(subsets, level, rate)
@@ -245,8 +270,9 @@ def summary_interval(values, lo, hi, how: str = "mean",
 
 def describe(level: float) -> dict:
     """What an interval of the summaries is (JSON-ready), for ``--summary``."""
-    return {"level": float(level), "method": "interleaved_subsets", "n_subsets": N_SUBSETS,
-            "rate": RATE, "covers": "seed",
+    return {"level": float(level), "method": f"parametric_bootstrap_{N_BOOTSTRAP}"
+            if SCHEME == "bootstrap" else f"interleaved_subsets_{N_SUBSETS}_rate_{RATE:g}",
+            "covers": "seed",
             "note": "the range in which stage 1 rerun with another seed puts each bound "
                     "(files) or summary (the same files); not the choice of images, not a "
                     "bias common to every seed (docs/intervals.md)"}
