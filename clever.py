@@ -34,8 +34,8 @@ from common import Norm, ToolError  # noqa: F401
 from api import (CleverResult, NormResult, clever_batch, clever_t, clever_u,  # noqa: F401
                  score_arrays, score_maxima)
 from stage2 import (Aggregate, FileScore, NormScore, Options, RunResult,  # noqa: F401
-                    file_records, json_safe, reported_bound, score_files, score_folder,
-                    write_summary)
+                    file_records, json_safe, reported_bound, reported_interval,
+                    score_files, score_folder, write_summary)
 from stage2_files import (BOUND_NORMS, FileError, StageOneFile,  # noqa: F401
                           find_mat_files, is_untargeted_info, load_stage1_file)
 from stage2_plots import plot_fit, plot_summary  # noqa: F401
@@ -60,12 +60,14 @@ def trial_lines(fit: FitResult) -> list[str]:
 _FIT_ORDER: tuple[Norm, ...] = (Norm.LINF, Norm.L2, Norm.L1)
 
 
-def debug_lines(result: RunResult, trials: bool = False) -> list[str]:
+def debug_lines(result: RunResult, trials: bool = False, intervals: bool = False) -> list[str]:
     """``[DEBUG][L1]`` lines: one per file and bound norm, in the original's order.
 
     ``trials``: precede each file's lines by its ``[DEBUG][L2]`` lines (``-v``),
     in the original's fitting order. Method maxsamp ends a line at ``bnd``, as
     the original; g_x0 is printed as the original printed the stored value.
+    ``intervals``: follow each file's lines by its ``[INTERVAL][FILE]`` lines
+    (``-v`` with ``--interval``; none when the run has no interval).
     """
     lines = []
     maxsamp = result.options.method is Method.MAXSAMP
@@ -88,6 +90,54 @@ def debug_lines(result: RunResult, trials: bool = False) -> list[str]:
                          f"shape = {s.fit.shape:.5g}, loc = {s.fit.loc:.5g}, "
                          f"scale = {s.fit.scale:.5g}, g_x0 = {f.g_x0_text or repr(f.g_x0)}")
             lines.append(line)
+        if intervals and result.options.interval > 0:
+            lines.extend(interval_file_lines(result, fs))
+    return lines
+
+
+def _g(value: float) -> str:
+    return f"{value:.5g}"
+
+
+def interval_file_lines(result: RunResult, fs: FileScore) -> list[str]:
+    """``[INTERVAL][FILE]`` lines of one file: per bound norm the reported bound,
+    its interval at the run's level, and the Lipschitz (or curvature) estimate's."""
+    f = fs.file
+    lines = []
+    for norm in BOUND_NORMS:
+        if norm not in fs.scores:
+            continue
+        s = fs.scores[norm]
+        lo, hi = reported_interval(s, result.options.radius_cap)
+        iv = s.interval
+        lines.append(f"[INTERVAL][FILE] id = {f.img_id}, true_label = {f.true_label}, "
+                     f"target_label = {f.target_label}, info = {f.info}, "
+                     f"bnd_norm = {norm.value}, level = {result.options.interval:g}, "
+                     f"bnd = {_g(result.reported(s))}, bnd_lo = {_g(lo)}, bnd_hi = {_g(hi)}, "
+                     f"estimate = {_g(s.fit.estimate)}, estimate_lo = {_g(iv.lo)}, "
+                     f"estimate_hi = {_g(iv.hi)}")
+    return lines
+
+
+def interval_lines(result: RunResult) -> list[str]:
+    """``[INTERVAL][L1]`` / ``[INTERVAL][L0]`` lines: each ``[STATS]`` line's
+    values with their intervals (``covers = seed``: the sampling of stage 1 for
+    these files, not the choice of images); none without ``--interval``."""
+    if result.options.interval <= 0:
+        return []
+    head = f"level = {result.options.interval:g}, covers = seed"
+    lines = []
+    for agg in result.aggregates:
+        if agg.lo is None:
+            continue
+        prefix = "clever" if agg.level == "L1" else f"{agg.info}_clever"
+        values = ", ".join(f"{prefix}_{n.label} = {_g(v)}, {prefix}_{n.label}_lo = "
+                           f"{_g(agg.lo[n])}, {prefix}_{n.label}_hi = {_g(agg.hi[n])}"
+                           for n, v in agg.values.items())
+        if agg.level == "L1":
+            lines.append(f"[INTERVAL][L1] image = {agg.image:3d}, {head}, {values}")
+        else:
+            lines.append(f"[INTERVAL][L0] info = {agg.info}, {head}, {values}")
     return lines
 
 
@@ -154,6 +204,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--summary", default="", metavar="PATH",
                         help="write a JSON summary here and a CSV of the per-file records "
                              "next to it")
+    parser.add_argument("--interval", type=float, default=0.9, metavar="LEVEL",
+                        help="give every bound the range in which a rerun of stage 1 with "
+                             "another seed would put it, at this nominal level (0: none; "
+                             "docs/intervals.md): in the --summary records and on "
+                             "[INTERVAL] lines (per file with -v)")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more diagnostics on stderr and the original's [DEBUG][L2] "
                              "lines (the fit from each initial shape) on stdout; -vv for debug")
@@ -162,6 +217,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     common.check_positive("--num_images", args.num_images, allow_zero=True)
     common.check_positive("--shape_reg", args.shape_reg, allow_zero=True)
     common.check_positive("--nthreads", args.nthreads, allow_zero=True)
+    if not 0.0 <= args.interval < 1.0:
+        raise ToolError(f"--interval {args.interval}: the level must be in [0, 1) "
+                        "(e.g. 0.9; 0: no interval)")
     if args.nthreads == 0:
         args.nthreads = os.cpu_count() or 1
     if args.summary and args.summary.lower().endswith(".csv"):
@@ -177,14 +235,15 @@ def options_from_args(args: argparse.Namespace) -> Options:
                    num_samples=args.num_samples, num_images=args.num_images,
                    user_type=args.user_type, use_slope=args.use_slope,
                    radius_cap=not args.no_radius_cap, nthreads=args.nthreads,
-                   plot_dir=args.plot_dir, progress=True)
+                   plot_dir=args.plot_dir, progress=True, interval=args.interval)
 
 
 def main(args: argparse.Namespace) -> int:
     """Score ``args.data_folder``; print the statistics; 1 if any file failed."""
     common.setup_logging(args.verbose)
     result = score_folder(args.data_folder, options_from_args(args))
-    for line in debug_lines(result, trials=args.verbose > 0) + stats_lines(result):
+    for line in (debug_lines(result, trials=args.verbose > 0, intervals=args.verbose > 0)
+                 + stats_lines(result) + interval_lines(result)):
         print(line)
     sys.stdout.flush()
     if args.plot_dir and result.files:

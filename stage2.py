@@ -27,6 +27,7 @@ import numpy as np
 
 import aggregate
 import common
+import interval
 from aggregate import Reduce
 from common import Norm, ToolError
 from stage2_files import (BOUND_NORMS, FileError, StageOneFile, find_mat_files,
@@ -57,6 +58,7 @@ class Options:
     nthreads: int = 1               # 1: serial in this process
     plot_dir: str = ""
     progress: bool = False          # tqdm bar on stderr (terminals only)
+    interval: float = 0.0           # --interval LEVEL (the CLI's default 0.9); 0: none
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,13 @@ class NormScore:
     bound_uncapped: float      # the original tool's number
     cap: float | None          # radius cap; None when unknown (no dim)
     bound: float               # min(bound_uncapped, cap)
+    # --interval (docs/intervals.md): where a rerun with another seed puts the
+    # estimate and the bound; None without an interval (level 0).
+    interval: "interval.LipschitzInterval | None" = None
+    bound_lo: float = math.nan             # capped, as ``bound``
+    bound_hi: float = math.nan
+    bound_uncapped_lo: float = math.nan    # as ``bound_uncapped``
+    bound_uncapped_hi: float = math.nan
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,6 +97,10 @@ class Aggregate:
     values: Mapping[Norm, float]
     image: int | None = None    # L1 lines
     n_classes: int | None = None  # L1 lines: aggregate.n_classes (files + the true class)
+    # --interval: the sampling interval of each value (interval.summary_interval:
+    # the seed of these same files, not the choice of images); None without.
+    lo: Mapping[Norm, float] | None = None
+    hi: Mapping[Norm, float] | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,6 +124,13 @@ def reported_bound(score: NormScore, radius_cap: bool) -> float:
     return aggregate.reported(score.bound, score.bound_uncapped, radius_cap)
 
 
+def reported_interval(score: NormScore, radius_cap: bool) -> tuple[float, float]:
+    """(lo, hi) of the reported bound: capped, or uncapped for --no_radius_cap."""
+    if radius_cap:
+        return score.bound_lo, score.bound_hi
+    return score.bound_uncapped_lo, score.bound_uncapped_hi
+
+
 @dataclass(frozen=True)
 class _FitTask:
     index: int            # file position in the sorted list
@@ -121,18 +141,26 @@ class _FitTask:
     penalize: Penalty
     plot_path: str        # "" for no plot
     plot_label: str
+    level: float = 0.0    # --interval; 0: no subset fits
 
 
-def _run_task(task: _FitTask) -> tuple[int, Norm, FitResult | None, str, str]:
-    """Fit one array (and plot it); top level so a process pool can pickle it.
+def _run_task(task: _FitTask) -> tuple[int, Norm, FitResult | None,
+                                       interval.LipschitzInterval | None, str, str]:
+    """Fit one array, its interval's subsets (and plot it); top level so a
+    process pool can pickle it.
 
-    Returns (index, norm, fit or None, fit error, plot error): an unexpected
-    SciPy failure costs its file, not the run.
+    Returns (index, norm, fit or None, interval or None, fit error, plot
+    error): an unexpected SciPy failure costs its file, not the run.
     """
+    iv = None
     try:
         fit = fit_reverse_weibull(task.samples, task.method, task.shape_reg, task.penalize)
+        if task.level > 0:
+            iv = interval.lipschitz_interval(task.samples, fit, task.level,
+                                             method=task.method, shape_reg=task.shape_reg,
+                                             penalize=task.penalize)
     except Exception as err:  # noqa: BLE001 - reported per file by the caller
-        return task.index, task.norm, None, f"{type(err).__name__}: {err}", ""
+        return task.index, task.norm, None, None, f"{type(err).__name__}: {err}", ""
     plot_error = ""
     if task.plot_path:
         try:
@@ -141,7 +169,7 @@ def _run_task(task: _FitTask) -> tuple[int, Norm, FitResult | None, str, str]:
             stage2_plots.plot_fit(task.samples, fit, task.plot_path, task.plot_label)
         except Exception as err:  # noqa: BLE001 - a failed figure must not lose the fit
             plot_error = f"{type(err).__name__}: {err}"
-    return task.index, task.norm, fit, "", plot_error
+    return task.index, task.norm, fit, iv, "", plot_error
 
 
 def _plot_name(folder: str, path: str, norm: Norm, use_slope: bool) -> str:
@@ -193,16 +221,42 @@ def _aggregate(files: Sequence[FileScore], options: Options, order: int) -> list
     def values(fs: FileScore) -> dict[Norm, float]:
         return {n: reported_bound(fs.scores[n], options.radius_cap) for n in norms}
 
+    with_interval = options.interval > 0
+
+    def ends(fs: FileScore, end: int) -> dict[Norm, float]:
+        return {n: reported_interval(fs.scores[n], options.radius_cap)[end] for n in norms}
+
+    def summary(rows: Sequence[tuple[int, dict, dict, dict]], how_: Reduce):
+        """(lo, hi) per norm of the mean/min of rows (image id, values, lo, hi)."""
+        if not with_interval:
+            return {}
+        lo, hi = {}, {}
+        for n in norms:
+            lo[n], hi[n] = interval.summary_interval(
+                [r[1][n] for r in rows], [r[2][n] for r in rows], [r[3][n] for r in rows],
+                how_.value, groups=[r[0] for r in rows])
+        return {"lo": lo, "hi": hi}
+
     if options.untargeted:
         images = aggregate.per_image_minimum((fs.file.img_id, values(fs)) for fs in files)
-        out = [Aggregate("L1", "untargeted", m.values, image=m.image, n_classes=m.n_classes)
-               for m in images]
+        out, rows = [], []
+        by_image = aggregate.group((fs.file.img_id, fs) for fs in files)
+        for m in images:
+            mine = [(m.image, values(fs), ends(fs, 0), ends(fs, 1)) for fs in by_image[m.image]]
+            extra = summary(mine, Reduce.MIN)
+            out.append(Aggregate("L1", "untargeted", m.values, image=m.image,
+                                 n_classes=m.n_classes, **extra))
+            rows.append((m.image, m.values, extra.get("lo"), extra.get("hi")))
         if images:
             out.append(Aggregate("L0", "untargeted",
-                                 aggregate.reduce_fields([m.values for m in images], how)))
+                                 aggregate.reduce_fields([m.values for m in images], how),
+                                 **summary(rows, how)))
         return out
-    per_info = aggregate.group((fs.file.info, values(fs)) for fs in files)
-    return [Aggregate("L0", info, aggregate.reduce_fields(per_info[info], how))
+    per_info = aggregate.group((fs.file.info, fs) for fs in files)
+    return [Aggregate("L0", info,
+                      aggregate.reduce_fields([values(fs) for fs in per_info[info]], how),
+                      **summary([(fs.file.img_id, values(fs), ends(fs, 0), ends(fs, 1))
+                                 for fs in per_info[info]], how))
             for info in sorted(per_info)]
 
 
@@ -268,6 +322,10 @@ def score_files(loaded: Sequence[StageOneFile], options: Options = Options(), *,
     files.
     """
     method = Method(options.method)
+    try:
+        level = interval.check_level(options.interval)
+    except ValueError as err:
+        raise ToolError(f"--interval {options.interval}: {err}") from None
     errors = list(errors)
     files, order, skipped = _select(list(loaded), options, errors)
     if skipped:
@@ -288,11 +346,13 @@ def score_files(loaded: Sequence[StageOneFile], options: Options = Options(), *,
             label = (f"id {f.img_id}, {f.info}, target {f.target_label}: "
                      f"{f.keys[norm]} for the {norm.label} bound")
             tasks.append(_FitTask(index, norm, samples, method, options.shape_reg,
-                                  Penalty(options.penalize), plot_path, label))
+                                  Penalty(options.penalize), plot_path, label, level))
     fits: dict[tuple[int, Norm], FitResult | str] = {}
-    for index, norm, fit, fit_error, plot_error in _execute(tasks, options.nthreads,
-                                                            options.progress):
+    intervals: dict[tuple[int, Norm], interval.LipschitzInterval | None] = {}
+    for index, norm, fit, iv, fit_error, plot_error in _execute(tasks, options.nthreads,
+                                                                options.progress):
         fits[(index, norm)] = fit if fit is not None else fit_error
+        intervals[(index, norm)] = iv
         if plot_error:
             log.warning("%s: could not plot the %s fit: %s", files[index].path, norm.label,
                         plot_error)
@@ -315,7 +375,16 @@ def score_files(loaded: Sequence[StageOneFile], options: Options = Options(), *,
             if b.cap is None:
                 log.debug("%s: input dimension unknown: the %s bound (samples in an %s ball) "
                           "is not capped", f.path, norm.label, f.sample_norm.label)
-            scores[norm] = NormScore(norm, f.keys[norm], fit, b.uncapped, b.cap, b.bound)
+            iv = intervals[(index, norm)]
+            ends = {}
+            if iv is not None:
+                lo, hi = interval.bound_ends(f.order, f.g_x0, iv.lo, iv.hi, b.cap, f.grad_norm)
+                ulo, uhi = interval.bound_ends(f.order, f.g_x0, iv.lo, iv.hi, None,
+                                               f.grad_norm)
+                ends = dict(interval=iv, bound_lo=lo, bound_hi=hi, bound_uncapped_lo=ulo,
+                            bound_uncapped_hi=uhi)
+            scores[norm] = NormScore(norm, f.keys[norm], fit, b.uncapped, b.cap, b.bound,
+                                     **ends)
         if failed:
             errors.append((f.path, failed))
         else:
@@ -367,12 +436,23 @@ _NORM_FIELDS = ("key", "estimate", "shape", "loc", "scale", "ks", "pval", "bound
                 "bound_uncapped", "cap", "fallback", "status", "n_used", "n_dropped")
 
 
+#: Fields of a norm's record with --interval (docs/intervals.md); none without.
+_INTERVAL_FIELDS = ("bound_lo", "bound_hi", "bound_uncapped_lo", "bound_uncapped_hi",
+                    "estimate_lo", "estimate_hi")
+
+
 def _norm_record(s: NormScore) -> dict:
-    return {"key": s.key, "estimate": s.fit.estimate, "shape": s.fit.shape, "loc": s.fit.loc,
-            "scale": s.fit.scale, "ks": s.fit.ks, "pval": s.fit.pval, "bound": s.bound,
-            "bound_uncapped": s.bound_uncapped, "cap": s.cap, "fallback": s.fit.fallback,
-            "status": s.fit.status.value, "n_used": s.fit.n_used,
-            "n_dropped": s.fit.n_dropped}
+    record = {"key": s.key, "estimate": s.fit.estimate, "shape": s.fit.shape,
+              "loc": s.fit.loc, "scale": s.fit.scale, "ks": s.fit.ks, "pval": s.fit.pval,
+              "bound": s.bound, "bound_uncapped": s.bound_uncapped, "cap": s.cap,
+              "fallback": s.fit.fallback, "status": s.fit.status.value, "n_used": s.fit.n_used,
+              "n_dropped": s.fit.n_dropped}
+    if s.interval is not None:
+        record.update(bound_lo=s.bound_lo, bound_hi=s.bound_hi,
+                      bound_uncapped_lo=s.bound_uncapped_lo,
+                      bound_uncapped_hi=s.bound_uncapped_hi,
+                      estimate_lo=s.interval.lo, estimate_hi=s.interval.hi)
+    return record
 
 
 def file_records(result: RunResult) -> list[dict]:
@@ -400,6 +480,10 @@ def _aggregate_record(agg: Aggregate) -> dict:
     if agg.level == "L1":
         record.update(image=agg.image, n_classes=agg.n_classes)
     record.update({f"clever_{n.label}": v for n, v in agg.values.items()})
+    if agg.lo is not None:
+        for n in agg.values:
+            record[f"clever_{n.label}_lo"] = agg.lo[n]
+            record[f"clever_{n.label}_hi"] = agg.hi[n]
     return record
 
 
@@ -411,18 +495,26 @@ def write_summary(result: RunResult, path: str, args: Mapping | None = None) -> 
     ball, data range ([lo, hi], null: unbounded; "LO HI" or none in the CSV),
     per bound norm the fit and the bound capped and uncapped, and the file's
     own provenance keys), ``aggregates`` (the numbers of the
-    ``[STATS]`` lines) and ``errors``. Non-finite numbers are written as null.
+    ``[STATS]`` lines) and ``errors``. With ``options.interval`` (> 0) every
+    norm's record also has ``bound_lo``, ``bound_hi``, ``bound_uncapped_lo``,
+    ``bound_uncapped_hi``, ``estimate_lo`` and ``estimate_hi`` (CSV columns
+    ``L1_bound_lo``, ...), every aggregate ``clever_<norm>_lo`` and ``_hi``, and
+    ``interval`` says the level, the method and what it covers
+    (docs/intervals.md). Non-finite numbers are written as null.
     Returns the CSV path.
     """
     options = result.options
     summary = {
         "provenance": common.provenance(args),
+        # --interval 0 leaves the summary as it was before the option existed.
         "options": {k: (v.value if isinstance(v, enum.Enum) else v)
-                    for k, v in vars(options).items()},
+                    for k, v in vars(options).items()
+                    if not (k == "interval" and v == 0)},
         "order": result.order,
         "reported_bounds": "capped" if options.radius_cap else "uncapped",
         "records": file_records(result),
         "aggregates": [_aggregate_record(a) for a in result.aggregates],
+        **({"interval": interval.describe(options.interval)} if options.interval > 0 else {}),
         "errors": [{"path": p, "error": m} for p, m in result.errors],
     }
     common.write_json(path, json_safe(summary))
@@ -432,7 +524,8 @@ def write_summary(result: RunResult, path: str, args: Mapping | None = None) -> 
     file_fields = ["path", "id", "true_label", "target_label", "info", "order", "nsamps",
                    "niters", "niters_used", "g_x0", "g_x0_grad_2_norm", "radius",
                    "sample_norm", "dim", "data_range"]
-    header = file_fields + [f"{n.label}_{k}" for n in BOUND_NORMS for k in _NORM_FIELDS]
+    norm_fields = _NORM_FIELDS + (_INTERVAL_FIELDS if options.interval > 0 else ())
+    header = file_fields + [f"{n.label}_{k}" for n in BOUND_NORMS for k in norm_fields]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -444,7 +537,7 @@ def write_summary(result: RunResult, path: str, args: Mapping | None = None) -> 
             np.format_float_positional(v, trim="-") for v in lohi)
         for n in BOUND_NORMS:
             norm_rec = rec["norms"].get(n.label, {})
-            row += [norm_rec.get(k, "") for k in _NORM_FIELDS]
+            row += [norm_rec.get(k, "") for k in norm_fields]
         writer.writerow(["" if v is None else v for v in row])
     common.atomic_write_text(csv_path, buf.getvalue())
     return csv_path

@@ -71,22 +71,35 @@ def plot_fit(samples: np.ndarray, fit: FitResult, path: str, label: str = "") ->
 
 
 def plot_summary(result: "stage2.RunResult", path: str) -> None:
-    """Per image, the CLEVER L2 score of every target (and the minimum if untargeted)."""
+    """Per image, the CLEVER L2 score of every target (and the minimum if untargeted);
+    with ``--interval``, each score's interval as an error bar."""
+    import stage2 as _stage2
+
     fig = _figure(max(6.4, 0.25 * len({fs.file.img_id for fs in result.files}) + 2), 4.8)
     ax = fig.add_subplot(1, 1, 1)
     images = sorted({fs.file.img_id for fs in result.files})
     position = {img: i for i, img in enumerate(images)}
-    series: dict[str, tuple[list, list]] = {}
+    series: dict[str, tuple[list, list, list, list]] = {}
+    with_interval = result.options.interval > 0
     for fs in result.files:
         name = "per class" if result.options.untargeted else fs.file.info
-        xs, ys = series.setdefault(name, ([], []))
+        xs, ys, los, his = series.setdefault(name, ([], [], [], []))
+        score = fs.scores[Norm.L2]
         xs.append(position[fs.file.img_id])
-        ys.append(result.reported(fs.scores[Norm.L2]))
+        ys.append(result.reported(score))
+        lo, hi = _stage2.reported_interval(score, result.options.radius_cap)
+        los.append(lo)
+        his.append(hi)
     markers = "os^vDP*X"
-    for i, (name, (xs, ys)) in enumerate(sorted(series.items())):
+    for i, (name, (xs, ys, los, his)) in enumerate(sorted(series.items())):
         offset = 0.0 if result.options.untargeted else (i - (len(series) - 1) / 2) * 0.15
-        ax.scatter(np.asarray(xs) + offset, ys, s=18, marker=markers[i % len(markers)],
-                   label=name, alpha=0.8)
+        x = np.asarray(xs) + offset
+        ax.scatter(x, ys, s=18, marker=markers[i % len(markers)], label=name, alpha=0.8)
+        if with_interval:
+            y, lo, hi = (np.asarray(v, np.float64) for v in (ys, los, his))
+            ok = np.isfinite(lo) & np.isfinite(hi)
+            ax.errorbar(x[ok], y[ok], yerr=np.vstack([y[ok] - lo[ok], hi[ok] - y[ok]]),
+                        fmt="none", ecolor=f"C{i}", elinewidth=0.8, capsize=2, alpha=0.8)
     per_image = [a for a in result.aggregates if a.level == "L1"]
     if per_image:
         ax.plot([position[a.image] for a in per_image], [a.values[Norm.L2] for a in per_image],
@@ -95,7 +108,10 @@ def plot_summary(result: "stage2.RunResult", path: str) -> None:
     ax.set_xticklabels([str(i) for i in images], rotation=90, fontsize=7)
     ax.set_xlabel("image id")
     ax.set_ylabel("CLEVER L2 score" + ("" if result.options.radius_cap else " (uncapped)"))
-    ax.set_title(f"CLEVER L2 per target ({result.options.method.value}, order {result.order})")
+    level = (f"; bars: {100 * result.options.interval:g}% interval of another seed"
+             if with_interval else "")
+    ax.set_title(f"CLEVER L2 per target ({result.options.method.value}, order "
+                 f"{result.order}{level})", fontsize=9 if with_interval else None)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

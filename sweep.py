@@ -94,6 +94,9 @@ def _sweep_parser() -> argparse.ArgumentParser:
     g.add_argument("--shape_reg", type=float, default=0.01, help="stage 2: as clever.py")
     g.add_argument("--method", choices=("mle_reg", "mle", "maxsamp"), default="mle_reg",
                    help="stage 2: as clever.py")
+    g.add_argument("--interval", type=float, default=0.9, metavar="LEVEL",
+                   help="stage 2: as clever.py (each bound's range for another seed, "
+                        "docs/intervals.md; 0: none)")
     return p
 
 

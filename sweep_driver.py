@@ -64,6 +64,7 @@ class SweepOptions:
     no_stage2: bool = False
     shape_reg: float = 0.01
     method: str = "mle_reg"
+    interval: float = 0.9           # stage 2 --interval LEVEL (docs/intervals.md); 0: none
     stage1: Mapping[str, Any] = field(default_factory=dict)
     base: Stage1Settings | None = None
 
@@ -95,6 +96,9 @@ class SweepOptions:
             raise ToolError(f"--cpus_per_worker must be non-negative, got {self.cpus_per_worker}")
         common.check_positive("--max_retries", self.max_retries, allow_zero=True)
         common.check_positive("--shape_reg", self.shape_reg, allow_zero=True)
+        if not 0.0 <= self.interval < 1.0:
+            raise ToolError(f"--interval {self.interval}: the level must be in [0, 1) "
+                            "(0: none)")
         if self.spec and not os.path.isfile(self.spec):
             raise ToolError(f"--spec: {self.spec} does not exist")
         if not (self.address in ("", "auto") or self.address.startswith("ray://")
@@ -532,7 +536,8 @@ class Sweep:
                 continue
             with open(path, "rb") as fh:
                 data = fh.read()
-            ref = self.stage2_fn.remote(path, data, self.options.method, self.options.shape_reg)
+            ref = self.stage2_fn.remote(path, data, self.options.method, self.options.shape_reg,
+                                        self.options.interval)
             self._submit("stage2", None, ref, (job, path))
 
     def _stage2_done(self, payload, out: dict) -> None:

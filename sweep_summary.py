@@ -12,12 +12,14 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import os
 
 import numpy as np
 
 import aggregate
 import common
+import interval
 from aggregate import Reduce
 from stage2_files import is_untargeted_info
 
@@ -60,12 +62,37 @@ def _summary_rows(info: str, recs: list[dict], per_image: bool) -> list[dict]:
                "info": info, "norm": label}
         for f, stem in SUMMARY_FIELDS.items():
             row[f"mean_{stem}"], row[f"min_{stem}"] = mean[f], low[f]
+        if all(f"{f}_lo" in n for n in fits for f in SUMMARY_FIELDS):
+            row.update(_interval_columns(recs, label, per_image))
         pvals = np.array([n["pval"] for n in fits], np.float64)
         row.update(images=len({r["id"] for r in recs}), files=len(recs),
                    ks_pass_rate=float(np.mean(pvals > KS_ALPHA)),
                    fallbacks=int(sum(n["status"] not in ("fit", "maxsamp") for n in fits)))
         rows.append(row)
     return rows
+
+
+def _interval_columns(recs: list[dict], label: str, per_image: bool) -> dict:
+    """``mean_clever_lo``, ``mean_clever_hi``, ``min_clever_lo``, ... of one row: the
+    seed's sampling interval of each summary (interval.summary_interval: these
+    files, not the choice of images; files of an image share their samples)."""
+    out = {}
+    for f, stem in SUMMARY_FIELDS.items():
+        rows = [(r["id"], r["norms"][label][f], r["norms"][label][f"{f}_lo"],
+                 r["norms"][label][f"{f}_hi"]) for r in recs]
+        rows = [tuple(math.nan if v is None else v for v in row) for row in rows]
+        if per_image:
+            by_image = aggregate.group((row[0], row) for row in rows)
+            rows = [(img, min(r[1] for r in g),
+                     *interval.summary_interval([r[1] for r in g], [r[2] for r in g],
+                                                [r[3] for r in g], "min"))
+                    for img, g in sorted(by_image.items())]
+        ids, b, lo, hi = ([row[i] for row in rows] for i in range(4))
+        out[f"mean_{stem}_lo"], out[f"mean_{stem}_hi"] = interval.summary_interval(
+            b, lo, hi, "mean", groups=ids)
+        out[f"min_{stem}_lo"], out[f"min_{stem}_hi"] = interval.summary_interval(
+            b, lo, hi, "min")
+    return out
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -104,6 +131,11 @@ _SUMMARY_COLUMNS = ("job", "model", "dataset", "info", "norm", "mean_clever", "m
                     "ks_pass_rate", "fallbacks")
 
 
+#: Columns of sweep --interval: each summary's seed interval (docs/intervals.md).
+_INTERVAL_COLUMNS = tuple(f"{s}_{stem}_{end}" for stem in SUMMARY_FIELDS.values()
+                          for s in ("mean", "min") for end in ("lo", "hi"))
+
+
 def _fmt(v) -> str:
     return f"{v:.5g}" if isinstance(v, float) else str(v)
 
@@ -112,16 +144,19 @@ def write_outputs(out: str, rows: list[dict], records: list[dict], provenance: d
     from stage2 import json_safe
 
     os.makedirs(out, exist_ok=True)
+    columns = _SUMMARY_COLUMNS
+    if rows and all("mean_clever_lo" in row for row in rows):   # sweep --interval
+        columns = _SUMMARY_COLUMNS + _INTERVAL_COLUMNS
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(_SUMMARY_COLUMNS)
+    w.writerow(columns)
     for row in rows:
-        w.writerow([row[c] for c in _SUMMARY_COLUMNS])
+        w.writerow([row[c] for c in columns])
     common.atomic_write_text(os.path.join(out, "summary.csv"), buf.getvalue())
 
-    md = ["| " + " | ".join(_SUMMARY_COLUMNS) + " |",
-          "|" + "|".join("---" for _ in _SUMMARY_COLUMNS) + "|"]
-    md += ["| " + " | ".join(_fmt(row[c]) for c in _SUMMARY_COLUMNS) + " |" for row in rows]
+    md = ["| " + " | ".join(columns) + " |",
+          "|" + "|".join("---" for _ in columns) + "|"]
+    md += ["| " + " | ".join(_fmt(row[c]) for c in columns) + " |" for row in rows]
     common.atomic_write_text(os.path.join(out, "summary.md"),
                              "# CLEVER sweep\n\nRows per job, info and bound norm. Bounds "
                              "capped at the sampling radius (`_uncapped`: the original tool's "
@@ -135,6 +170,9 @@ def write_outputs(out: str, rows: list[dict], records: list[dict], provenance: d
               "order", "g_x0", "node")
     norm_fields = ("key", "estimate", "shape", "loc", "scale", "ks", "pval", "status", "bound",
                    "bound_uncapped", "cap")
+    if records and all("bound_lo" in n for r in records for n in r["norms"].values()):
+        norm_fields += ("bound_lo", "bound_hi", "bound_uncapped_lo", "bound_uncapped_hi",
+                        "estimate_lo", "estimate_hi")
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(list(fields) + [f"{n}_{k}" for n in _NORM_LABELS for k in norm_fields])

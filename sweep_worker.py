@@ -273,12 +273,17 @@ def actor_class(ray):
                       max_task_retries=0)(Worker)
 
 
-def stage2_file(name: str, data: bytes, method: str, shape_reg: float) -> dict:
+def stage2_file(name: str, data: bytes, method: str, shape_reg: float,
+                level: float = 0.0) -> dict:
     """Stage 2 of one file (a Ray CPU task): stage 2's fit and bounds per bound norm.
 
-    ``data``: the .mat file's bytes (no shared file system). Returns a JSON-ready
-    record, or ``{"error": message}``.
+    ``data``: the .mat file's bytes (no shared file system). ``level``: sweep
+    --interval (0: none): each norm also gets ``bound_lo``, ``bound_hi``,
+    ``bound_uncapped_lo``, ``bound_uncapped_hi``, ``estimate_lo``,
+    ``estimate_hi`` (docs/intervals.md). Returns a JSON-ready record, or
+    ``{"error": message}``.
     """
+    import interval
     from stage2_files import load_stage1_file
     from weibull_fit import fit_reverse_weibull
 
@@ -302,6 +307,16 @@ def stage2_file(name: str, data: bytes, method: str, shape_reg: float) -> dict:
                                  "shape": fit.shape, "loc": fit.loc, "scale": fit.scale,
                                  "ks": fit.ks, "pval": fit.pval, "status": fit.status.value,
                                  "bound": b.bound, "bound_uncapped": b.uncapped, "cap": b.cap}
+            if level > 0:
+                iv = interval.lipschitz_interval(samples, fit, level, method=method,
+                                                 shape_reg=shape_reg)
+                lo, hi = interval.bound_ends(f.order, f.g_x0, iv.lo, iv.hi, b.cap,
+                                             f.grad_norm)
+                ulo, uhi = interval.bound_ends(f.order, f.g_x0, iv.lo, iv.hi, None,
+                                               f.grad_norm)
+                norms[norm.label].update(bound_lo=lo, bound_hi=hi, bound_uncapped_lo=ulo,
+                                         bound_uncapped_hi=uhi, estimate_lo=iv.lo,
+                                         estimate_hi=iv.hi)
         return {"path": name, "id": f.img_id, "true_label": f.true_label,
                 "target_label": f.target_label, "info": f.info, "order": f.order,
                 "g_x0": f.g_x0, "radius": f.radius,

@@ -167,7 +167,8 @@ def _trial(s: np.ndarray, x: np.ndarray, shift: float, spread: float, c0: float,
 
 def fit_reverse_weibull(samples: np.ndarray, method: Method | str = Method.MLE_REG,
                         shape_reg: float = 0.01,
-                        penalize: Penalty | str = Penalty.SCALE) -> FitResult:
+                        penalize: Penalty | str = Penalty.SCALE,
+                        c_init: tuple[float, ...] = C_INIT) -> FitResult:
     """Estimate the right end point of the distribution of ``samples`` (docs/format.md).
 
     ``samples``: N batch maxima (any shape, flattened; float32 or float64 kept
@@ -213,7 +214,7 @@ def fit_reverse_weibull(samples: np.ndarray, method: Method | str = Method.MLE_R
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
         trials = tuple(_trial(s, -rescaled, float(shift), float(spread), c0, optimizer)
-                       for c0 in C_INIT)
+                       for c0 in c_init)
     pvals = [t.pval for t in trials]
     best_p = max((p for p in pvals if not math.isnan(p)), default=math.nan)
     if math.isnan(best_p) or best_p < MIN_PVALUE:
