@@ -289,6 +289,20 @@ def piecewise_linear_layers(model) -> list[str]:
     return found
 
 
+def check_order2_model(settings, model, where: str = "") -> None:
+    """Refuse --order 2 on a piecewise-linear model (its Hessian is zero almost everywhere)
+    unless --force_order2; ``where`` (e.g. the sweep's model) prefixes the one-line error."""
+    if settings.order != 2 or settings.force_order2:
+        return
+    flat = piecewise_linear_layers(model)
+    if flat:
+        raise ToolError(f"{where + ': ' if where else ''}--order 2: the model has "
+                        f"piecewise-linear activations ({', '.join(flat[:3])}"
+                        f"{'...' if len(flat) > 3 else ''}); its Hessian is zero almost "
+                        "everywhere. Use a smooth model (e.g. --activation tanh) or "
+                        "--force_order2")
+
+
 def estimator_options(settings, estimator_class) -> dict:
     """Keyword arguments of GradientNormEstimator, those its constructor takes."""
     s = settings

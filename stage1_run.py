@@ -188,13 +188,7 @@ def collect(settings: Stage1Settings, *, model=None, images: np.ndarray | None =
     versions = common.versions()
     test_data, ids = loaded.test_data, loaded.ids
     input_shape = test_data.shape[1:]
-    if s.order == 2 and not s.force_order2:
-        flat = stage1.piecewise_linear_layers(model)
-        if flat:
-            raise ToolError(f"--order 2: the model has piecewise-linear activations "
-                            f"({', '.join(flat[:3])}{'...' if len(flat) > 3 else ''}); its "
-                            "Hessian is zero almost everywhere. Use a smooth model (e.g. "
-                            "--activation tanh) or --force_order2")
+    stage1.check_order2_model(s, model)
     estimator = GradientNormEstimator(model, input_shape, s.batch_size,
                                       **stage1.estimator_options(s, GradientNormEstimator))
     transform = s.transform or None

@@ -141,13 +141,7 @@ class ModelWorker:
         from estimate_gradient_norm import GradientNormEstimator
 
         a = self.settings
-        if a.order == 2 and not a.force_order2:
-            flat = stage1.piecewise_linear_layers(model)
-            if flat:
-                raise ToolError(f"{self.source or self.name}: --order 2: the model has "
-                                f"piecewise-linear activations ({', '.join(flat[:3])}); its "
-                                "Hessian is zero almost everywhere. Use a smooth model or "
-                                "--force_order2")
+        stage1.check_order2_model(a, model, self.source or self.name)
         return GradientNormEstimator(model, self.images.shape[1:], a.batch_size,
                                      **stage1.estimator_options(a, GradientNormEstimator))
 
