@@ -20,6 +20,7 @@ CLI's message.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -27,6 +28,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 import common
+import interval
 import stage2
 from common import ToolError
 from settings import SettingsError, Stage1Settings
@@ -39,7 +41,7 @@ __all__ = ["NormResult", "CleverResult", "clever_t", "clever_u", "clever_batch",
 #: Stage-2 keywords (clever.py's flags) and their defaults.
 STAGE2_DEFAULTS: dict[str, Any] = {"method": "mle_reg", "shape_reg": 0.01, "penalize": "scale",
                                    "use_slope": False, "no_radius_cap": False,
-                                   "num_samples": 0}
+                                   "num_samples": 0, "interval": interval.DEFAULT_LEVEL}
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,11 @@ class NormResult:
     constant in the dual norm q (order 2: the curvature); ``fit``: the reverse
     Weibull fit (shape, loc, scale, ks, pval, status). ``target``: the target
     class (for :func:`clever_u` the class of the minimum in this norm);
-    ``g_x0``: f_c(x0) - f_target(x0).
+    ``g_x0``: f_c(x0) - f_target(x0). ``bound_lo``, ``bound_hi``: the
+    ``interval`` keyword's interval of ``bound`` (default 90%: where a rerun
+    with another seed would put it, docs/intervals.md; NaN with ``interval=0``
+    or when no interval can be estimated); ``lipschitz_lo``, ``lipschitz_hi``:
+    that of ``lipschitz``.
     """
 
     norm: str
@@ -62,6 +68,10 @@ class NormResult:
     fit: FitResult
     target: int
     g_x0: float
+    bound_lo: float = math.nan
+    bound_hi: float = math.nan
+    lipschitz_lo: float = math.nan
+    lipschitz_hi: float = math.nan
 
     @property
     def shape(self) -> float:
@@ -157,10 +167,18 @@ def _split(kwargs: Mapping[str, Any]) -> tuple[dict, stage2.Options, dict]:
     for name in ("use_slope", "no_radius_cap"):
         if not isinstance(values[name], (bool, np.bool_)):
             raise SettingsError(f"--{name}: expected true or false, got {values[name]!r}")
+    level = values["interval"]
+    try:
+        if isinstance(level, bool) or not isinstance(level, (int, float, np.number)):
+            raise ValueError(f"not a number: {level!r}")
+        level = interval.check_level(level)
+    except ValueError as err:
+        raise SettingsError(f"--interval: {err}") from None
     options = stage2.Options(method=method, shape_reg=float(values["shape_reg"]),
                              penalize=penalize, num_samples=int(values["num_samples"]),
                              use_slope=bool(values["use_slope"]),
-                             radius_cap=not values["no_radius_cap"], nthreads=1)
+                             radius_cap=not values["no_radius_cap"], nthreads=1,
+                             interval=level)
     return s1, options, {k: (v.value if hasattr(v, "value") else v) for k, v in values.items()}
 
 
@@ -213,10 +231,16 @@ def _files(results) -> list:
 
 
 def _norm_results(fs: stage2.FileScore, options: stage2.Options) -> dict[str, NormResult]:
-    return {n.label: NormResult(n.label, stage2.reported_bound(s, options.radius_cap),
-                                s.bound_uncapped, s.fit.estimate, s.fit,
-                                int(fs.file.target_label), float(fs.file.g_x0))
-            for n, s in fs.scores.items()}
+    out = {}
+    for n, s in fs.scores.items():
+        lo, hi = stage2.reported_interval(s, options.radius_cap)
+        iv = s.interval
+        out[n.label] = NormResult(n.label, stage2.reported_bound(s, options.radius_cap),
+                                  s.bound_uncapped, s.fit.estimate, s.fit,
+                                  int(fs.file.target_label), float(fs.file.g_x0), lo, hi,
+                                  iv.lo if iv is not None else math.nan,
+                                  iv.hi if iv is not None else math.nan)
+    return out
 
 
 def _scored(files: list, options: stage2.Options) -> stage2.RunResult:

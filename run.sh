@@ -39,7 +39,7 @@ ensure_env() {
     local want stamp="$VENV/.clever-requirements"
     want="$(cat requirements.txt; echo "CLEVER_TF=${CLEVER_TF:-}")"
     if [ -x "$PY" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
-        && "$PY" -c "import tensorflow, posix_ipc, scipy, sklearn, xdist" 2>/dev/null; then
+        && "$PY" -c "import tensorflow, posix_ipc, scipy, sklearn, xdist, pytest_timeout" 2>/dev/null; then
         return 0
     fi
     echo "[run.sh] setting up $VENV from requirements.txt (a few minutes the first time)" >&2
@@ -119,10 +119,12 @@ original() {
 case "${1:-}" in
     demo) shift; demo "$@" ;;
     # Test files are spread over one worker per core (at most 4: each loads TensorFlow);
-    # CLEVER_TEST_WORKERS=0 runs them in this process.
+    # CLEVER_TEST_WORKERS=0 runs them in this process. A worker that dies ends the run
+    # at once, naming its test: pytest-xdist 3.8 can wait forever after replacing a
+    # crashed --dist loadfile worker (pytest-dev/pytest-xdist#1378).
     test) shift; ensure_env
           exec "$PY" -m pytest -n "${CLEVER_TEST_WORKERS:-auto}" --maxprocesses 4 --dist loadfile \
-              "$@" ;;
+              --max-worker-restart 0 "$@" ;;
     ""|-h|--help|help) usage ;;
     *) original "$@" ;;
 esac

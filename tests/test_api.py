@@ -264,3 +264,38 @@ def test_model_in_its_own_range(linear_weights, lo, hi):
             assert o.norms[norm].bound == pytest.approx(r.norms[norm].bound * (hi - lo),
                                                         rel=1e-4)
         assert o.settings["data_range"] == [lo, hi]
+
+
+def test_interval_is_the_clis_and_interval_zero_has_none(tmp_path, capsys):
+    """The result's interval (default 90%) equals clever.py --summary's for the same file;
+    interval=0 leaves the bounds as they are and gives no interval; a bad level is refused."""
+    import clever
+    from settings import SettingsError
+
+    rng = np.random.default_rng(11)
+    grad_max = np.stack([l - scipy.stats.weibull_min.rvs(5.0, scale=0.2 * l, size=200,
+                                                         random_state=rng)
+                         for l in (3.0, 1.5, 0.2)], axis=1)
+    record = {"G1_max": grad_max[:, 0], "G2_max": grad_max[:, 1], "Gi_max": grad_max[:, 2],
+              "g_x0": 0.9, "id": 0, "true_label": 1, "target_label": 2, "info": "top2",
+              "radius": 5.0, "sample_norm": "l2", "dim": 784}
+    scipy.io.savemat(tmp_path / "16_200_0_1_2_top2_relu_order1.mat", record)
+    summary = tmp_path / "s.json"
+    assert clever.main(clever.parse_args([str(tmp_path), "--nthreads", "1",
+                                          "--summary", str(summary)])) == 0
+    capsys.readouterr()
+    norms = json.load(open(summary))["records"][0]["norms"]
+    got = clever.score_maxima(record)
+    none = clever.score_maxima(record, interval=0)
+    for label, res in got.items():
+        assert res.bound_lo == norms[label]["bound_lo"] and res.bound_hi == norms[label]["bound_hi"]
+        assert 0 < res.bound_lo <= res.bound <= res.bound_hi  # Li sits at its radius cap
+        assert res.lipschitz_lo < res.lipschitz < res.lipschitz_hi
+        assert none[label].bound == res.bound
+        assert np.isnan([none[label].bound_lo, none[label].bound_hi]).all()
+    assert got["L2"].bound_lo < got["L2"].bound < got["L2"].bound_hi
+    narrow = clever.score_maxima(record, interval=0.5)["L2"]
+    assert got["L2"].bound_lo < narrow.bound_lo < narrow.bound_hi < got["L2"].bound_hi
+    for bad in (1.0, -0.1, "wide"):
+        with pytest.raises(SettingsError, match="^--interval: "):
+            clever.score_maxima(record, interval=bad)

@@ -308,6 +308,11 @@ def _summary(path):
         return json.load(fh)
 
 
+def _last_stats(lines):
+    """The last [STATS] line (an [INTERVAL] line follows it at the default --interval)."""
+    return [line for line in lines if line.startswith("[STATS]")][-1]
+
+
 def test_targeted_lines_and_mean(tmp_path, capsys):
     data = tmp_path / "mnist_normal"
     targeted_folder(str(data), n_images=2)
@@ -319,7 +324,10 @@ def test_targeted_lines_and_mean(tmp_path, capsys):
     stats = [STATS_L0_RE.match(line) for line in lines if line.startswith("[STATS]")]
     assert len(debug) == 18 and all(debug), lines
     assert len(stats) == 3 and all(stats), lines
-    assert len(lines) == 21
+    # The original's 21 lines, then an [INTERVAL][L0] line per [STATS][L0] line.
+    assert len(lines) == 24 and not any(x.startswith("[INTERVAL]") for x in lines[:21])
+    assert [x.split(",")[0] for x in lines[21:]] == [
+        f"[INTERVAL][L0] info = {m['info']}" for m in stats]
     # Sorted by image id, then info, then norm.
     keys = [(int(m["id"]), m["info"], m["norm"]) for m in debug]
     assert keys == sorted(keys, key=lambda k: (k[0], k[1], "12i".index(k[2])))
@@ -401,11 +409,11 @@ def test_radius_cap_and_no_radius_cap(tmp_path, capsys):
     assert norms["L2"]["bound_uncapped"] == pytest.approx(6.0, rel=0.05)
     assert norms["Li"]["cap"] == pytest.approx(0.3)
     assert norms["Li"]["bound"] == min(norms["Li"]["bound_uncapped"], norms["Li"]["cap"])
-    stats = STATS_L0_RE.match(lines[-1])
+    stats = STATS_L0_RE.match(_last_stats(lines))
     assert stats["L2"] == "3"
 
     status, lines, _ = run_main([str(data), "--nthreads", "1", "--no_radius_cap"], capsys)
-    stats = STATS_L0_RE.match(lines[-1])
+    stats = STATS_L0_RE.match(_last_stats(lines))
     assert stats["L2"] == f"{norms['L2']['bound_uncapped']:.5g}"
     assert float(stats["L2"]) > 5
 
@@ -462,7 +470,7 @@ def test_original_tool_layout_is_read(tmp_path, capsys, caplog):
 
     # Without --user_type the info stays "user".
     status, lines, _ = run_main([str(data), "--nthreads", "1", "--method", "maxsamp"], capsys)
-    assert STATS_L0_RE.match(lines[-1])["info"] == "user"
+    assert STATS_L0_RE.match(_last_stats(lines))["info"] == "user"
 
 
 def test_early_original_file_names_without_activation_and_order(tmp_path):
