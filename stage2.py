@@ -118,6 +118,10 @@ class RunResult:
         """The bound that is printed: capped unless --no_radius_cap."""
         return reported_bound(score, self.options.radius_cap)
 
+    def reported_interval(self, score: NormScore) -> tuple[float, float]:
+        """(lo, hi) of the printed bound (see :func:`reported_interval`)."""
+        return reported_interval(score, self.options.radius_cap)
+
 
 def reported_bound(score: NormScore, radius_cap: bool) -> float:
     """``score.bound`` (capped) or, for --no_radius_cap, ``score.bound_uncapped``."""

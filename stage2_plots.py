@@ -73,7 +73,6 @@ def plot_fit(samples: np.ndarray, fit: FitResult, path: str, label: str = "") ->
 def plot_summary(result: "stage2.RunResult", path: str) -> None:
     """Per image, the CLEVER L2 score of every target (and the minimum if untargeted);
     with ``--interval``, each score's interval as an error bar."""
-
     fig = _figure(max(6.4, 0.25 * len({fs.file.img_id for fs in result.files}) + 2), 4.8)
     ax = fig.add_subplot(1, 1, 1)
     images = sorted({fs.file.img_id for fs in result.files})
@@ -86,9 +85,7 @@ def plot_summary(result: "stage2.RunResult", path: str) -> None:
         score = fs.scores[Norm.L2]
         xs.append(position[fs.file.img_id])
         ys.append(result.reported(score))
-        # stage2.reported_interval, inline: stage2 imports this module for the fit plots.
-        lo, hi = ((score.bound_lo, score.bound_hi) if result.options.radius_cap
-                  else (score.bound_uncapped_lo, score.bound_uncapped_hi))
+        lo, hi = result.reported_interval(score)
         los.append(lo)
         his.append(hi)
     markers = "os^vDP*X"
